@@ -1,0 +1,309 @@
+"""The native adapter file: one ``.safetensors`` with every adapter tensor and its metadata.
+
+Layout:
+
+* tensors ``"<component>/<module path>/<tensor>"``, e.g.
+  ``"unet/down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q/generators"``;
+  ``<tensor>`` is ``generators`` (packed skew generators, ``(n_factors, blocks, b(b-1)/2)``),
+  ``angles`` / ``relax`` (Givens) or ``magnitude`` (``rescale``);
+* string metadata: ``format`` (``"ortho-diffusion.adapter"``), ``format_version``,
+  ``library_version``, ``components`` (JSON list), and per component
+  ``config.<c>`` (the :class:`AdapterConfig` as JSON), ``modules.<c>`` (JSON list of
+  adapted module paths), ``fingerprint.<c>`` (hash of the base architecture),
+  ``base_model.<c>`` (the base model's name or path, informative).
+
+Loading validates everything before it touches the model, and never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..adapter import OrthogonalAdapter
+from ..config import AdapterConfig
+from ..inject import attach_to_module, component_name, components, is_pipeline, iter_adapters, set_scale
+
+FORMAT = "ortho-diffusion.adapter"
+FORMAT_VERSION = "1"
+
+
+class AdapterFileError(ValueError):
+    """An adapter file cannot be used with this model; the message names file and module."""
+
+
+def _library_version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def architecture_fingerprint(module: nn.Module) -> str:
+    """Short hash of the base architecture: class name and every base parameter's name and shape.
+
+    Adapter parameters and the ``base_layer`` wrapping are ignored, so a model gives the same
+    fingerprint with or without adapters attached.
+    """
+    h = hashlib.sha256(type(module).__name__.encode())
+    for name, p in sorted(module.named_parameters()):
+        if ".rotations." in name or ".magnitudes." in name:
+            continue
+        h.update(f"{name.replace('.base_layer', '')}:{tuple(p.shape)};".encode())
+    return h.hexdigest()[:16]
+
+
+def _base_model_name(module: nn.Module) -> str:
+    config = getattr(module, "config", None)
+    name = getattr(config, "_name_or_path", None) if config is not None else None
+    if name is None and isinstance(config, dict):
+        name = config.get("_name_or_path")
+    return str(name or "")
+
+
+def _adapter_tensors(layer: OrthogonalAdapter, name: str) -> dict[str, torch.Tensor]:
+    tensors = {k: v for k, v in layer.rotations[name].named_parameters()}
+    if name in layer.magnitudes:
+        tensors["magnitude"] = layer.magnitudes[name]
+    return tensors
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """Write a safetensors file to a temporary name in the same folder, then rename it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _pick_adapter_name(x: Any, adapter_name: str | None) -> str:
+    names = sorted({n for _, _, layer in iter_adapters(x) for n in layer.adapter_names})
+    if not names:
+        raise ValueError("no adapter is attached: nothing to save")
+    if adapter_name is not None:
+        if adapter_name not in names:
+            raise ValueError(f"no adapter named {adapter_name!r}; attached: {names}")
+        return adapter_name
+    if len(names) > 1:
+        raise ValueError(f"several adapters are attached ({names}); pass adapter_name")
+    return names[0]
+
+
+def save_adapter(
+    x: Any,
+    path: str | os.PathLike,
+    adapter_name: str | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+    extra_metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write the adapter attached to ``x`` (module or pipeline) to one ``.safetensors`` file.
+
+    Args:
+        x: the adapted module or pipeline.
+        path: destination; written atomically.
+        adapter_name: which adapter, when several are attached.
+        extra_tensors: further tensors stored beside the adapter (for example a control
+            encoder), keys must not contain the adapter components' prefixes.
+        extra_metadata: further string metadata.
+
+    Returns:
+        The path written.
+    """
+    name = _pick_adapter_name(x, adapter_name)
+    tensors: dict[str, torch.Tensor] = {}
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": _library_version()}
+    comps = []
+    for comp, module in components(x).items():
+        layers = [(p, a) for _, p, a in iter_adapters(module) if name in a.rotations]
+        if not layers:
+            continue
+        comps.append(comp)
+        configs = {a.configs[name].to_json() for _, a in layers}
+        if len(configs) > 1:
+            raise ValueError(f"adapter {name!r} has several configurations on {comp}; cannot store one")
+        metadata[f"config.{comp}"] = configs.pop()
+        metadata[f"modules.{comp}"] = json.dumps([p for p, _ in layers])
+        metadata[f"fingerprint.{comp}"] = architecture_fingerprint(module)
+        metadata[f"base_model.{comp}"] = _base_model_name(module)
+        for p, layer in layers:
+            for key, value in _adapter_tensors(layer, name).items():
+                tensors[f"{comp}/{p}/{key}"] = value.detach().to("cpu", torch.float32).contiguous()
+    metadata["components"] = json.dumps(comps)
+    if extra_tensors:
+        for key, value in extra_tensors.items():
+            if key in tensors:
+                raise ValueError(f"extra tensor {key!r} collides with an adapter tensor")
+            tensors[key] = value.detach().to("cpu").contiguous()
+    if extra_metadata:
+        metadata.update(extra_metadata)
+    path = Path(path)
+    atomic_save_safetensors(tensors, path, metadata)
+    return path
+
+
+class AdapterFile:
+    """A parsed native adapter file: metadata and tensors, read without touching any model.
+
+    Raises :class:`AdapterFileError` for a missing, truncated, corrupt or foreign file.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise AdapterFileError(f"{self.path}: no such adapter file")
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                self.metadata: dict[str, str] = dict(f.metadata() or {})
+                self.tensors: dict[str, torch.Tensor] = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:  # safetensors raises its own error types for bad files
+            raise AdapterFileError(f"{self.path}: not a readable safetensors file ({err})") from None
+        if self.metadata.get("format") != FORMAT:
+            raise AdapterFileError(
+                f"{self.path}: not an ortho-diffusion adapter (metadata format={self.metadata.get('format')!r})"
+            )
+        try:
+            self.components: list[str] = json.loads(self.metadata["components"])
+            self.configs = {c: AdapterConfig.from_dict(json.loads(self.metadata[f"config.{c}"])) for c in self.components}
+            self.modules = {c: json.loads(self.metadata[f"modules.{c}"]) for c in self.components}
+            self.fingerprints = {c: self.metadata[f"fingerprint.{c}"] for c in self.components}
+        except (KeyError, ValueError, TypeError) as err:
+            raise AdapterFileError(f"{self.path}: damaged metadata ({err})") from None
+
+    def component_tensors(self, component: str) -> dict[str, dict[str, torch.Tensor]]:
+        """``{module path: {tensor name: tensor}}`` of one component."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in self.tensors.items():
+            comp, _, rest = key.partition("/")
+            if comp != component:
+                continue
+            path, _, tensor = rest.rpartition("/")
+            out.setdefault(path, {})[tensor] = value
+        return out
+
+
+def _match_components(file: AdapterFile, x: Any) -> dict[str, nn.Module]:
+    """Map the file's components to the modules of ``x`` they load into."""
+    comps = components(x)
+    if is_pipeline(x):
+        missing = [c for c in file.components if c not in comps]
+        if missing:
+            raise AdapterFileError(f"{file.path}: the pipeline has no {', '.join(missing)} for this adapter")
+        return {c: comps[c] for c in file.components}
+    (module,) = comps.values()
+    if len(file.components) == 1:
+        return {file.components[0]: module}
+    name = component_name(module)
+    if name not in file.components:
+        raise AdapterFileError(
+            f"{file.path}: holds adapters for {file.components}; load it into a pipeline or the matching module"
+        )
+    return {name: module}
+
+
+def _check_component(file: AdapterFile, comp: str, module: nn.Module, adapter_name: str) -> None:
+    """Raise unless every tensor of ``comp`` fits ``module``; touches nothing."""
+    expected_fp = file.fingerprints[comp]
+    actual_fp = architecture_fingerprint(module)
+    if expected_fp != actual_fp:
+        raise AdapterFileError(
+            f"{file.path}: the {comp} adapter was made for another base architecture "
+            f"(fingerprint {expected_fp}, this {type(module).__name__} has {actual_fp})"
+        )
+    config = file.configs[comp]
+    tensors = file.component_tensors(comp)
+    listed = file.modules[comp]
+    for path in set(tensors) - set(listed):
+        raise AdapterFileError(f"{file.path}: unexpected tensors for module {comp}.{path}")
+    for path in listed:
+        try:
+            layer = module.get_submodule(path)
+        except AttributeError:
+            raise AdapterFileError(f"{file.path}: module {comp}.{path} does not exist in this model") from None
+        if isinstance(layer, OrthogonalAdapter):
+            if adapter_name in layer.rotations:
+                raise AdapterFileError(
+                    f"{file.path}: an adapter named {adapter_name!r} is already attached to {comp}.{path}; "
+                    "pass another adapter_name"
+                )
+            base = layer.base_layer
+        else:
+            base = layer
+        try:
+            probe = OrthogonalAdapter(base, "probe", config)
+        except (TypeError, ValueError) as err:
+            raise AdapterFileError(f"{file.path}: module {comp}.{path}: {err}") from None
+        want = {k: tuple(v.shape) for k, v in _adapter_tensors(probe, "probe").items()}
+        got = {k: tuple(v.shape) for k, v in tensors.get(path, {}).items()}
+        if set(want) != set(got):
+            missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+            raise AdapterFileError(
+                f"{file.path}: module {comp}.{path}: missing tensors {missing}, unexpected tensors {extra}"
+            )
+        for k in want:
+            if want[k] != got[k]:
+                raise AdapterFileError(
+                    f"{file.path}: module {comp}.{path}: tensor {k} has shape {got[k]}, the model needs {want[k]}"
+                )
+        for k, v in tensors[path].items():
+            if not torch.isfinite(v).all():
+                raise AdapterFileError(f"{file.path}: module {comp}.{path}: tensor {k} holds NaN or inf")
+
+
+def default_adapter_name(path: str | os.PathLike) -> str:
+    """Adapter name derived from a file name (``"my subject.safetensors"`` -> ``"my_subject"``)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", Path(path).stem) or "adapter"
+
+
+@torch.no_grad()
+def load_adapter(
+    x: Any, path: str | os.PathLike, scale: float = 1.0, adapter_name: str | None = None
+) -> Any:
+    """Attach the adapter stored in ``path`` to ``x`` (module or pipeline) and load its values.
+
+    Everything is validated first (format, base architecture fingerprint, module names,
+    tensor names and shapes, finite values); on any problem an :class:`AdapterFileError`
+    names the file and the module, and ``x`` is left unchanged.
+
+    Args:
+        x: module or diffusers pipeline.
+        path: a native ``.safetensors`` adapter file.
+        scale: strength ``t`` to set after loading.
+        adapter_name: name for this adapter (default: the file's stem); adapters with
+            different names compose.
+
+    Returns:
+        ``x``.
+    """
+    file = AdapterFile(path)
+    name = adapter_name or default_adapter_name(path)
+    targets = _match_components(file, x)
+    for comp, module in targets.items():
+        _check_component(file, comp, module, name)
+    for comp, module in targets.items():
+        config = file.configs[comp]
+        exact = AdapterConfig.from_dict({**config.to_dict(), "targets": [f"re:{re.escape(p)}" for p in file.modules[comp]]})
+        paths = attach_to_module(module, exact, name)
+        tensors = file.component_tensors(comp)
+        for p in paths:
+            layer = module.get_submodule(p)
+            for key, param in _adapter_tensors(layer, name).items():
+                param.copy_(tensors[p][key].to(param.dtype))
+            layer.configs[name] = config  # keep the user's targets, not the exact paths
+    set_scale(x, scale, adapter_name=name)
+    return x

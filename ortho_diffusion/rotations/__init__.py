@@ -1,0 +1,24 @@
+"""Orthogonal parameterizations: pure tensor maths, no knowledge of diffusers."""
+
+from .base import Mode, Rotation, compute_dtype, project_norm
+from .butterfly import ButterflyCayleyRotation, butterfly_error, default_block_size, max_factors, valid_layouts
+from .cayley import cayley, cayley_neumann, pack_skew, unpack_skew
+from .givens import GivensRotation, givens_stages
+
+__all__ = [
+    "Mode",
+    "Rotation",
+    "ButterflyCayleyRotation",
+    "GivensRotation",
+    "butterfly_error",
+    "cayley",
+    "cayley_neumann",
+    "compute_dtype",
+    "default_block_size",
+    "givens_stages",
+    "max_factors",
+    "pack_skew",
+    "project_norm",
+    "unpack_skew",
+    "valid_layouts",
+]

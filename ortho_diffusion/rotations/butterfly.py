@@ -1,0 +1,197 @@
+"""Block-diagonal Cayley rotations and their butterfly products: OFT, OFTv2 and BOFT.
+
+One family covers the three methods:
+
+* ``oft``: one factor, exact Cayley blocks.
+* ``oftv2``: one factor, Cayley-Neumann blocks (no matrix inverse).
+* ``boft``: ``m`` factors ``R = F_0 F_1 ... F_{m-1}``; factor ``k`` is a block-diagonal
+  rotation conjugated by the butterfly permutation of stride ``2^k`` half-blocks.
+
+Butterfly layout of factor ``k`` (block size ``b``, half block ``h = b/2``): the width is cut
+into chunks of ``c = b 2^k`` coordinates, each chunk into ``2^(k+1)`` pieces of ``h``; block
+``j`` of a chunk holds piece ``j`` and piece ``j + 2^k``.  Factor 0 is plain block-diagonal
+(OFT), and ``1 + log2(dim / b)`` factors give a dense rotation.  The permutations are done
+with reshapes, never with dense permutation matrices.
+"""
+
+from __future__ import annotations
+
+
+import torch
+from torch import nn
+
+from .base import Mode, Rotation, compute_dtype, project_norm
+from .cayley import cayley, cayley_neumann, n_packed, unpack_skew
+
+#: Guard of the Cayley-Neumann series: each block's generator is scaled down to this
+#: Frobenius norm (an upper bound of its spectral norm) before the series is summed.
+#: The series then converges, and its orthogonality error is at most
+#: rho^(k+1) (1 + rho) / (1 - rho) (about 5% for rho = 0.5, k = 5; far less for the small
+#: generators of real training, e.g. 2e-6 at rho = 0.1).
+NEUMANN_MAX_NORM = 0.5
+
+
+def butterfly_error(dim: int, block_size: int, n_factors: int) -> str | None:
+    """Why (``dim``, ``block_size``, ``n_factors``) is not a valid layout, or ``None``."""
+    if block_size < 2:
+        return f"block size must be at least 2, got {block_size}"
+    if dim % block_size:
+        return f"width {dim} is not divisible by block size {block_size}"
+    if n_factors < 1:
+        return f"n_factors must be at least 1, got {n_factors}"
+    if n_factors > 1:
+        if block_size % 2:
+            return f"butterfly factors need an even block size, got {block_size}"
+        if dim % (block_size * 2 ** (n_factors - 1)):
+            return (
+                f"{n_factors} butterfly factors with block size {block_size} need a width divisible by "
+                f"{block_size * 2 ** (n_factors - 1)}, got {dim}"
+            )
+    return None
+
+
+def valid_layouts(dim: int, n_factors: int, limit: int = 6) -> list[tuple[int, int]]:
+    """Valid ``(block_size, n_factors)`` pairs near the request, for error messages."""
+    sizes = [b for b in range(2, dim + 1) if butterfly_error(dim, b, n_factors) is None]
+    pairs = [(b, n_factors) for b in sizes[:limit]]
+    if not pairs:
+        for m in range(n_factors - 1, 0, -1):
+            sizes = [b for b in range(2, dim + 1) if butterfly_error(dim, b, m) is None]
+            if sizes:
+                pairs = [(b, m) for b in sizes[:limit]]
+                break
+    return pairs
+
+
+def max_factors(dim: int, block_size: int) -> int:
+    """Largest ``n_factors`` valid for this width and block size (0 if none)."""
+    if butterfly_error(dim, block_size, 1):
+        return 0
+    m = 1
+    while butterfly_error(dim, block_size, m + 1) is None:
+        m += 1
+    return m
+
+
+def to_blocks(x: torch.Tensor, block_size: int, factor: int) -> torch.Tensor:
+    """``(..., d)`` to ``(..., d/b, b)`` in the butterfly order of ``factor`` (a view when possible)."""
+    lead, d = x.shape[:-1], x.shape[-1]
+    if factor == 0:
+        return x.reshape(*lead, d // block_size, block_size)
+    half, stride = block_size // 2, 2**factor
+    x = x.reshape(*lead, d // (block_size * stride), 2, stride, half).transpose(-3, -2)
+    return x.reshape(*lead, d // block_size, block_size)
+
+
+def from_blocks(x: torch.Tensor, block_size: int, factor: int) -> torch.Tensor:
+    """Inverse of :func:`to_blocks`: ``(..., d/b, b)`` back to ``(..., d)``."""
+    lead, r = x.shape[:-2], x.shape[-2]
+    d = r * block_size
+    if factor == 0:
+        return x.reshape(*lead, d)
+    half, stride = block_size // 2, 2**factor
+    x = x.reshape(*lead, d // (block_size * stride), stride, 2, half).transpose(-3, -2)
+    return x.reshape(*lead, d)
+
+
+class ButterflyCayleyRotation(Rotation):
+    """Product of ``n_factors`` butterfly-permuted block-diagonal Cayley rotations.
+
+    Parameters: ``generators`` of shape ``(n_factors, n_stored_blocks, b(b-1)/2)`` (packed
+    skew generators; ``n_stored_blocks`` is 1 with ``block_share``), zero at init.
+
+    Args:
+        dim: width rotated.
+        block_size: ``b``.
+        n_factors: butterfly factors (1 = OFT).
+        neumann_terms: ``None`` for the exact Cayley transform, else the highest power kept
+            in the Cayley-Neumann series (OFTv2).
+        constraint: COFT bound on each block generator's Frobenius norm, or ``None``.
+        block_share: one generator shared by all blocks of a factor.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        block_size: int,
+        n_factors: int = 1,
+        neumann_terms: int | None = None,
+        constraint: float | None = None,
+        block_share: bool = False,
+    ) -> None:
+        super().__init__()
+        error = butterfly_error(dim, block_size, n_factors)
+        if error:
+            options = ", ".join(f"block_size={b}, n_factors={m}" for b, m in valid_layouts(dim, n_factors))
+            raise ValueError(f"{error}. Valid choices for width {dim}: {options or 'none'}")
+        if neumann_terms is not None and neumann_terms < 1:
+            raise ValueError(f"neumann_terms must be at least 1, got {neumann_terms}")
+        self.dim, self.block_size, self.n_factors = dim, block_size, n_factors
+        self.n_blocks = dim // block_size
+        self.neumann_terms, self.constraint, self.block_share = neumann_terms, constraint, block_share
+        self.exact = neumann_terms is None
+        stored = 1 if block_share else self.n_blocks
+        self.generators = nn.Parameter(torch.zeros(n_factors, stored, n_packed(block_size)))
+
+    def skew(self, scale: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The effective generators ``t Q`` after the constraint and the Neumann guard.
+
+        Returns ``(n_factors, n_stored_blocks, b, b)`` in ``dtype`` (default: the compute dtype).
+        """
+        g = self.generators.to(dtype or compute_dtype(self.generators.dtype))
+        q = unpack_skew(g, self.block_size)
+        if self.constraint is not None:
+            q = project_norm(q, self.constraint, dims=(-2, -1))
+        q = q * scale
+        if self.neumann_terms is not None:
+            q = project_norm(q, NEUMANN_MAX_NORM, dims=(-2, -1))
+        return q
+
+    def blocks(self, scale: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rotation blocks ``(n_factors, n_stored_blocks, b, b)`` in ``dtype`` (default: compute dtype)."""
+        q = self.skew(scale, dtype)
+        return cayley(q) if self.neumann_terms is None else cayley_neumann(q, self.neumann_terms)
+
+    def apply(
+        self,
+        x: torch.Tensor,
+        scale: float = 1.0,
+        n_active_factors: int | None = None,
+        mode: Mode = Mode.FORWARD,
+    ) -> torch.Tensor:
+        blocks = self.blocks(scale, torch.promote_types(compute_dtype(self.generators.dtype), x.dtype))
+        if mode.inverted:
+            blocks = torch.linalg.inv(blocks)
+        if mode.transposed:
+            blocks = blocks.transpose(-1, -2)
+        active = self.n_factors if n_active_factors is None else max(0, min(n_active_factors, self.n_factors))
+        factors = range(active) if mode.reverses_factor_order else reversed(range(active))
+        out_dtype = x.dtype
+        y = x.to(blocks.dtype)
+        for k in factors:
+            xb = to_blocks(y, self.block_size, k)
+            # y_i = sum_j B_ij x_j for every block; a shared block broadcasts over blocks.
+            yb = torch.einsum("...rj,rij->...ri", xb, blocks[k].expand(self.n_blocks, -1, -1))
+            y = from_blocks(yb, self.block_size, k)
+        return y.to(out_dtype)
+
+    def cost_per_vector(self) -> int:
+        return self.n_factors * self.dim * self.block_size
+
+    def extra_repr(self) -> str:
+        kind = "cayley" if self.neumann_terms is None else f"cayley-neumann({self.neumann_terms})"
+        return (
+            f"dim={self.dim}, block_size={self.block_size}, n_factors={self.n_factors}, {kind}, "
+            f"constraint={self.constraint}, block_share={self.block_share}"
+        )
+
+
+def default_block_size(dim: int, n_factors: int, preferred: int = 32) -> int:
+    """Largest valid block size not above ``preferred`` (the default when none is given)."""
+    for b in range(min(preferred, dim), 1, -1):
+        if butterfly_error(dim, b, n_factors) is None:
+            return b
+    options = ", ".join(f"block_size={b}, n_factors={m}" for b, m in valid_layouts(dim, n_factors))
+    raise ValueError(f"no block size fits width {dim} with {n_factors} factors. Valid: {options or 'none'}")
+
+
