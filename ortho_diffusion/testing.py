@@ -143,8 +143,12 @@ def tiny_pipeline(kind: str = "sd15", folder: str | Path | None = None, seed: in
     tokenizer = tiny_tokenizer(tok_dir)
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
         beta_schedule="scaled_linear",
         clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
         prediction_type="v_prediction" if kind == "sd2" else "epsilon",
     )
     if kind == "sdxl":

@@ -1,0 +1,211 @@
+"""The rotation parameterizations on their own: orthogonality, identity, inverses, gradients."""
+
+import math
+
+import pytest
+import torch
+from conftest import randomize
+
+from ortho_diffusion import AdapterConfig
+from ortho_diffusion.rotations import (
+    ButterflyCayleyRotation,
+    GivensRotation,
+    Mode,
+    cayley,
+    cayley_neumann,
+    givens_stages,
+    pack_skew,
+    unpack_skew,
+)
+
+WIDTH = 48
+
+
+def make(method: str, dim: int = WIDTH, **kw):
+    if method in ("oft", "oftv2"):
+        kw.setdefault("block_size", 8)
+    if method == "boft":
+        kw.setdefault("block_size", 4)
+        kw.setdefault("n_factors", 3)
+    return AdapterConfig(method=method, **kw).build_rotation(dim)
+
+
+ALL = ["oft", "oftv2", "boft", "goft", "qgoft"]
+EXACT = ["oft", "boft", "goft"]
+
+
+def orthogonality_error(r, scale=1.0, dtype=torch.float32):
+    m = r.matrix(scale, dtype=dtype)
+    return (m @ m.T - torch.eye(m.shape[0], dtype=dtype)).abs().max().item()
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_identity_at_init(method):
+    r = make(method)
+    assert torch.equal(r.matrix(), torch.eye(WIDTH))
+    x = torch.randn(3, WIDTH)
+    assert torch.equal(r(x), x)
+
+
+@pytest.mark.parametrize("method", EXACT)
+@pytest.mark.parametrize("scale", [0.3, 1.0, 1.7])
+def test_exact_rotations_are_orthogonal(method, scale):
+    r = make(method)
+    randomize(r.parameters(), std=0.3)
+    assert torch.linalg.matrix_norm(r.matrix() - torch.eye(WIDTH)) > 0.1  # really moved
+    assert orthogonality_error(r, scale) < 1e-5
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_apply_matches_dense_matrix_in_every_mode(method):
+    r = make(method)
+    randomize(r.parameters(), std=0.1)
+    m = r.matrix(0.8, dtype=torch.float64)
+    x = torch.randn(4, WIDTH, dtype=torch.float64)
+    expected = {
+        Mode.FORWARD: x @ m.T,
+        Mode.TRANSPOSE: x @ m,
+        Mode.INVERSE: x @ torch.linalg.inv(m).T,
+        Mode.INVERSE_TRANSPOSE: x @ torch.linalg.inv(m),
+    }
+    for mode, want in expected.items():
+        torch.testing.assert_close(r.apply(x, 0.8, mode=mode), want, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_scale_zero_is_identity_and_scale_scales_the_generator(method):
+    r = make(method)
+    randomize(r.parameters(), std=0.1)
+    assert torch.allclose(r.matrix(0.0, dtype=torch.float64), torch.eye(WIDTH, dtype=torch.float64), atol=1e-15)
+    twice = make(method)
+    with torch.no_grad():
+        for p, q in zip(twice.parameters(), r.parameters()):
+            p.copy_(2 * q)
+    torch.testing.assert_close(twice.matrix(1.0), r.matrix(2.0), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_gradcheck_float64(method):
+    kw = {"oft": {"block_size": 4}, "oftv2": {"block_size": 4}, "boft": {"block_size": 4, "n_factors": 2}}
+    r = make(method, dim=16, **kw.get(method, {})).double()
+    randomize(r.parameters(), std=0.2)
+    names = [n for n, _ in r.named_parameters()]
+
+    def f(x, *values):
+        return torch.func.functional_call(r, dict(zip(names, values)), (x, 0.9))
+
+    x = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    inputs = (x, *[p.detach().clone().requires_grad_(True) for p in r.parameters()])
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6)
+
+
+def test_boft_with_one_factor_equals_oft():
+    oft = make("oft", block_size=8)
+    boft = make("boft", block_size=8, n_factors=1)
+    randomize(oft.parameters(), std=0.2)
+    with torch.no_grad():
+        boft.generators.copy_(oft.generators)
+    x = torch.randn(5, WIDTH)
+    assert torch.equal(boft(x), oft(x))
+
+
+def test_boft_full_butterfly_is_dense_and_uses_no_permutation_matrices():
+    r = ButterflyCayleyRotation(32, block_size=4, n_factors=4)  # 1 + log2(32 / 4) factors
+    randomize(r.parameters(), std=0.3)
+    m = r.matrix(dtype=torch.float64)
+    assert (m.abs() > 1e-12).all()
+    assert all(t.numel() < 32 * 32 for t in list(r.parameters()) + list(r.buffers()))
+    fewer = ButterflyCayleyRotation(32, block_size=4, n_factors=3)
+    with torch.no_grad():
+        fewer.generators.copy_(r.generators[:3])
+    assert (fewer.matrix(dtype=torch.float64).abs() < 1e-15).any()
+
+
+def test_boft_active_factors_keep_the_first_k():
+    r = ButterflyCayleyRotation(32, block_size=4, n_factors=3)
+    randomize(r.parameters(), std=0.2)
+    two = ButterflyCayleyRotation(32, block_size=4, n_factors=2)
+    with torch.no_grad():
+        two.generators.copy_(r.generators[:2])
+    torch.testing.assert_close(r.matrix(n_active_factors=2), two.matrix())
+    assert torch.equal(r.matrix(n_active_factors=0), torch.eye(32))
+
+
+def test_invalid_butterfly_layout_proposes_valid_ones():
+    with pytest.raises(ValueError, match=r"Valid choices for width 48: block_size=2, n_factors=3"):
+        ButterflyCayleyRotation(48, block_size=8, n_factors=3)
+    with pytest.raises(ValueError, match="not divisible by block size 5"):
+        ButterflyCayleyRotation(48, block_size=5)
+
+
+def test_cayley_neumann_approaches_exact_cayley():
+    torch.manual_seed(0)
+    q = unpack_skew(torch.randn(6, 28, dtype=torch.float64) * 0.06, 8)
+    exact = cayley(q)
+    errors = [(cayley_neumann(q, k) - exact).abs().max().item() for k in range(1, 9)]
+    assert all(b < a for a, b in zip(errors, errors[1:]))
+    assert errors[-1] < 1e-3 * errors[0]
+
+
+def test_neumann_guard_keeps_blocks_in_the_convergent_range():
+    r = make("oftv2", block_size=8)
+    with torch.no_grad():
+        r.generators.normal_(0, 5.0)  # far outside ||Q|| < 1
+    norms = torch.linalg.matrix_norm(r.skew(1.0), ord=2)
+    assert norms.max() <= 0.5 + 1e-6
+    assert orthogonality_error(r) < 0.06  # the documented bound at the guard
+
+
+def test_packing_round_trip_and_skew():
+    v = torch.randn(3, 10)
+    q = unpack_skew(v, 5)
+    assert torch.equal(q, -q.transpose(-1, -2))
+    assert torch.equal(pack_skew(q), v)
+
+
+@pytest.mark.parametrize("dim", [2, 3, 7, 10, 16, 33])
+def test_givens_layout_any_width(dim):
+    stages = givens_stages(dim)
+    assert len(stages) == math.ceil(math.log2(dim))
+    assert sum(len(f) for f, _ in stages) == dim - 1
+    for first, second in stages:  # pairs within a stage are disjoint
+        idx = torch.cat([first, second])
+        assert len(set(idx.tolist())) == len(idx)
+    r = GivensRotation(dim)
+    randomize(r.parameters(), std=1.0)
+    assert orthogonality_error(r) < 1e-5
+
+
+def test_qgoft_penalty_measures_non_orthogonality():
+    r = GivensRotation(16, relaxed=True)
+    randomize([r.angles], std=0.5)
+    assert r.penalty().item() == 0.0
+    assert orthogonality_error(r) < 1e-5
+    randomize([r.relax], std=0.2, seed=1)
+    assert r.penalty().item() > 1e-4
+    assert orthogonality_error(r) > 1e-3
+
+
+def test_constraint_bounds_the_generator_norm():
+    r = make("oft", block_size=8, constraint=0.05)
+    randomize(r.parameters(), std=1.0)
+    assert torch.linalg.matrix_norm(r.skew(1.0)).max() <= 0.05 + 1e-6
+    g = make("goft", constraint=0.01)
+    randomize(g.parameters(), std=1.0)
+    m = g.pair_matrices()
+    assert torch.asin(m[:, 1, 0].abs()).max() <= 0.01 + 1e-6
+
+
+def test_block_share_uses_one_block_per_factor():
+    r = make("boft", block_size=4, n_factors=2, block_share=True)
+    assert r.generators.shape == (2, 1, 6)
+    randomize(r.parameters(), std=0.3)
+    blocks = r.matrix()[:4, :4]
+    torch.testing.assert_close(r.matrix(n_active_factors=1)[4:8, 4:8], r.matrix(n_active_factors=1)[:4, :4])
+    assert orthogonality_error(r) < 1e-5 and blocks.abs().sum() > 0
+
+
+def test_float64_parameters_compute_in_float64():
+    r = make("oft").double()
+    randomize(r.parameters(), std=0.2)
+    assert orthogonality_error(r, dtype=torch.float64) < 1e-13
