@@ -307,3 +307,30 @@ def load_adapter(
             layer.configs[name] = config  # keep the user's targets, not the exact paths
     set_scale(x, scale, adapter_name=name)
     return x
+
+
+@torch.no_grad()
+def restore_adapter_values(x: Any, path: str | os.PathLike, adapter_name: str) -> None:
+    """Copy the tensors of a native file into the already attached adapter ``adapter_name``.
+
+    Used to resume training: the adapter was attached with the same configuration, so every
+    tensor must find its parameter with the same shape, or :class:`AdapterFileError` is raised
+    before anything is copied.
+    """
+    file = AdapterFile(path)
+    targets = _match_components(file, x)
+    plan = []
+    for comp, module in targets.items():
+        for mod_path, tensors in file.component_tensors(comp).items():
+            try:
+                layer = module.get_submodule(mod_path)
+            except AttributeError:
+                raise AdapterFileError(f"{file.path}: module {comp}.{mod_path} does not exist in this model") from None
+            if not isinstance(layer, OrthogonalAdapter) or adapter_name not in layer.rotations:
+                raise AdapterFileError(f"{file.path}: {comp}.{mod_path} has no adapter {adapter_name!r} to restore")
+            params = _adapter_tensors(layer, adapter_name)
+            if set(params) != set(tensors) or any(params[k].shape != tensors[k].shape for k in params):
+                raise AdapterFileError(f"{file.path}: {comp}.{mod_path}: tensors do not fit adapter {adapter_name!r}")
+            plan += [(params[k], tensors[k]) for k in params]
+    for param, value in plan:
+        param.copy_(value.to(param.dtype))

@@ -1,0 +1,1 @@
+"""Training: shared flags, checkpoints and loop, and one module per task (subject, control)."""
