@@ -199,3 +199,17 @@ def test_two_process_launch_trains_one_model(models, instance_dir, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["ranks_in_sync"] is True
     _loaded(models / "sd15", out)
+
+
+def test_lora_baseline_trains_and_resumes_its_own_tensors(models, instance_dir, tmp_path):
+    out = tmp_path / "lora"
+    args = base_args(models / "sd15", instance_dir, out, steps=4, method="lora", lora_rank=2, checkpointing_steps=2)
+    assert train(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    n_lora = sum(p.numel() for n, p in load_pipeline(models / "sd15").unet.named_parameters() if "attn" in n and
+                 n.endswith(("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")))
+    assert 0 < summary["trainable_parameters"] < n_lora
+    resumed = base_args(models / "sd15", instance_dir, out, steps=6, method="lora", lora_rank=2,
+                        resume_from_checkpoint="latest")
+    assert train(resumed) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 6

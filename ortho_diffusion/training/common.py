@@ -74,7 +74,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 def add_adapter_args(parser: argparse.ArgumentParser, unet_targets: str = "unet-attn") -> None:
     """Flags of the orthogonal adapter (see :class:`~ortho_diffusion.config.AdapterConfig`)."""
     g = parser.add_argument_group("adapter")
-    g.add_argument("--method", type=str, default="oft", choices=["oft", "oftv2", "boft", "goft", "qgoft"])
+    g.add_argument(
+        "--method",
+        type=str,
+        default="oft",
+        choices=["oft", "oftv2", "boft", "goft", "qgoft", "lora"],
+        help="orthogonal method, or lora: peft's LoRA as a baseline for comparisons",
+    )
     g.add_argument("--block_size", type=int, default=None)
     g.add_argument("--n_blocks", type=int, default=None)
     g.add_argument("--n_factors", type=int, default=1)
@@ -93,8 +99,13 @@ def _targets(value: str) -> str | list[str]:
     return parts[0] if len(parts) == 1 else parts
 
 
-def adapter_configs(args: argparse.Namespace) -> tuple[AdapterConfig, AdapterConfig | None]:
-    """UNet and (with ``--train_text_encoder``) text-encoder configs from parsed flags."""
+def adapter_configs(args: argparse.Namespace) -> tuple[AdapterConfig | None, AdapterConfig | None]:
+    """UNet and (with ``--train_text_encoder``) text-encoder configs from parsed flags.
+
+    ``(None, None)`` for ``--method lora`` (the peft baseline has no orthogonal config).
+    """
+    if args.method == "lora":
+        return None, None
     common = dict(
         method=args.method,
         block_size=args.block_size,

@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prior_loss_weight", type=float, default=1.0)
     g.add_argument("--num_class_images", type=int, default=50)
     add_adapter_args(p)
+    p.add_argument("--lora_rank", type=int, default=4, help="rank of the --method lora baseline (peft)")
     return p
 
 
@@ -116,6 +117,11 @@ def ensure_class_images(pipe: Any, args: argparse.Namespace, resolution: int, ac
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train a subject adapter; returns the summary also written to ``summary.json``."""
+    return train(args)[1]
+
+
+def train(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """Train a subject adapter; returns the adapted pipeline (in memory) and the summary."""
     timer = Timer()
     check_args(args)
     model_path = resolve_model_path(args.pretrained_model_name_or_path)
@@ -130,19 +136,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         warnings.simplefilter("always")
         instance = load_image_folder(args.instance_data_dir, resolution, args.center_crop)
     try:  # refuses a method that does not fit the model before anything is written
-        inject.attach(pipe, unet_cfg, text_encoder_config=text_cfg, adapter_name=ADAPTER_NAME)
+        if unet_cfg is None:
+            params = attach_lora(pipe, args)
+        else:
+            inject.attach(pipe, unet_cfg, text_encoder_config=text_cfg, adapter_name=ADAPTER_NAME)
+            params = inject.adapter_parameters(pipe)
     except ValueError as err:
         raise TrainingError(str(err)) from None
-    params = inject.adapter_parameters(pipe)
     n_params = sum(p.numel() for p in params)
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     init_trackers(accelerator, args, "dreambooth")
     if args.with_prior_preservation:
-        inject.set_scale(pipe, 0.0)  # the base model, exactly
+        # Adapters are still at the identity: these are the base model's images.
         ensure_class_images(pipe, args, resolution, accelerator)
-        inject.set_scale(pipe, 1.0)
         classes = load_image_folder(args.class_data_dir, resolution, args.center_crop)[: args.num_class_images]
     else:
         classes = []
@@ -153,7 +161,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     instance_prompts = [e.caption or args.instance_prompt for e in instance]
     class_prompts = [e.caption or args.class_prompt for e in classes]
 
-    text_frozen = text_cfg is None
+    text_frozen = not args.train_text_encoder
     cache: dict[str, Any] = {}
 
     def conditioning(prompts: list[str]):
@@ -202,11 +210,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _log_images(accelerator, images, step)
 
     def write_adapter(path: Path) -> None:
-        save_adapter(pipe, path, adapter_name=ADAPTER_NAME, extra_metadata=metadata(args, model_path))
+        if unet_cfg is None:
+            save_lora(pipe, path)
+        else:
+            save_adapter(pipe, path, adapter_name=ADAPTER_NAME, extra_metadata=metadata(args, model_path))
 
     def restore(path: Path) -> None:
         try:
-            restore_adapter_values(pipe, path, ADAPTER_NAME)
+            if unet_cfg is None:
+                restore_lora(pipe, path)
+            else:
+                restore_adapter_values(pipe, path, ADAPTER_NAME)
         except AdapterFileError as err:
             raise TrainingError(f"cannot resume: {err}") from None
 
@@ -238,7 +252,60 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         accelerator.print(f"adapter written to {adapter_path} ({n_params:,} parameters, {timer():.0f} s)")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return summary
+    return pipe, summary
+
+
+LORA_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def attach_lora(pipe: Any, args: argparse.Namespace) -> list[torch.nn.Parameter]:
+    """The peft LoRA baseline (``--method lora``) on the UNet (and text encoder); its parameters."""
+    from peft import LoraConfig
+
+    rank = args.lora_rank
+    for p in pipe.unet.parameters():
+        p.requires_grad_(False)
+    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_UNET_TARGETS))
+    modules = [pipe.unet]
+    if args.train_text_encoder:
+        for p in pipe.text_encoder.parameters():
+            p.requires_grad_(False)
+        pipe.text_encoder.add_adapter(
+            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TEXT_TARGETS)
+        )
+        modules.append(pipe.text_encoder)
+    return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+
+def _lora_tensors(pipe: Any) -> dict[str, torch.Tensor]:
+    out = {}
+    for comp in ("unet", "text_encoder"):
+        for name, p in getattr(pipe, comp).named_parameters():
+            if p.requires_grad:
+                out[f"{comp}.{name}"] = p
+    return out
+
+
+def save_lora(pipe: Any, path: Path) -> None:
+    """The LoRA baseline's trainable tensors in one safetensors file (written atomically)."""
+    from ..formats.native import atomic_save_safetensors
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in _lora_tensors(pipe).items()}
+    atomic_save_safetensors(tensors, path, {"format": "ortho-diffusion.lora-baseline"})
+
+
+@torch.no_grad()
+def restore_lora(pipe: Any, path: Path) -> None:
+    """Inverse of :func:`save_lora` into the already attached LoRA layers."""
+    from safetensors.torch import load_file
+
+    values = load_file(str(path))
+    params = _lora_tensors(pipe)
+    if set(values) != set(params):
+        raise AdapterFileError(f"{path}: LoRA tensors do not match this run")
+    for k, p in params.items():
+        p.copy_(values[k])
 
 
 def metadata(args: argparse.Namespace, model_path: Path) -> dict[str, str]:

@@ -1,0 +1,190 @@
+"""Subjects the embedded model has never seen: patterned shapes drawn with the shapes world.
+
+Each subject is one shape class filled with a two-colour pattern (checkerboard, stripes,
+dots), named by a reserved rare token.  The base model only knows plain one-colour shapes,
+so learning a subject means learning its pattern; the shape class is the DreamBooth "class".
+
+Subject fidelity is measured classically: the colour composition of the generated object
+(fraction of its pixels nearest to each of the subject's two colours, versus anything else)
+compared to the instance images', and whether the detector reads the right shape class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .shapes import world
+from .shapes.detector import background_rgb, detect
+from .shapes.render import coverage
+from .shapes.scene import make_scene
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A patterned shape.
+
+    Attributes:
+        name: folder name, e.g. ``"checker-circle"``.
+        token: the rare identifier (one of :data:`world.RESERVED_TOKENS`).
+        shape: shape class (also the class noun).
+        colors: the pattern's two RGB colours.
+        pattern: ``"checker"``, ``"stripes"`` or ``"dots"``.
+    """
+
+    name: str
+    token: str
+    shape: str
+    colors: tuple[tuple[int, int, int], tuple[int, int, int]]
+    pattern: str
+
+    @property
+    def instance_prompt(self) -> str:
+        return f"a {self.token} {self.shape}"
+
+    @property
+    def class_prompt(self) -> str:
+        return f"a {self.shape}"
+
+
+SUBJECTS: tuple[Subject, ...] = (
+    Subject("checker-circle", "sks", "circle", ((225, 35, 35), (250, 250, 250)), "checker"),
+    Subject("striped-square", "qwe", "square", ((40, 80, 230), (245, 215, 40)), "stripes"),
+    Subject("dotted-triangle", "zxc", "triangle", ((145, 55, 200), (245, 215, 40)), "dots"),
+)
+
+#: Positions of the instance images; all large, so the pattern is visible.
+INSTANCE_POSITIONS: tuple[str, ...] = ("center", "left", "right", "top", "bottom")
+
+#: A background closer than this (RGB distance) to a subject colour would hide part of it.
+MIN_BACKGROUND_DISTANCE = 100.0
+
+
+def backgrounds_for(subject: Subject) -> list[str]:
+    """Backgrounds on which both of the subject's colours stand out."""
+    out = []
+    for name, rgb in world.BACKGROUNDS.items():
+        if all(np.linalg.norm(np.subtract(rgb, c)) >= MIN_BACKGROUND_DISTANCE for c in subject.colors):
+            out.append(name)
+    return out
+
+
+def instance_layouts(subject: Subject) -> list[tuple[str, str]]:
+    """``(position, background)`` of each instance image, cycling through the safe backgrounds."""
+    bgs = backgrounds_for(subject)
+    return [(p, bgs[i % len(bgs)]) for i, p in enumerate(INSTANCE_POSITIONS)]
+
+
+def pattern_mask(pattern: str, size: int = world.IMAGE_SIZE) -> np.ndarray:
+    """``(size, size)`` bool: True where the pattern shows its first colour."""
+    y, x = np.mgrid[0:size, 0:size]
+    if pattern == "checker":
+        return ((x // 4 + y // 4) % 2) == 0
+    if pattern == "stripes":
+        return (y // 3) % 2 == 0
+    if pattern == "dots":
+        return ((x % 6 - 2.5) ** 2 + (y % 6 - 2.5) ** 2) > 2.0**2
+    raise ValueError(f"unknown pattern {pattern!r}")
+
+
+def render_subject(subject: Subject, position: str, background: str, size_word: str = "large"):
+    """The subject on a plain background: ``(64, 64, 3)`` uint8 image and its caption."""
+    # The colour word only matters for plain rendering; the pattern replaces it.
+    scene = make_scene(background, [(size_word, "red", subject.shape, position)])
+    cov = coverage(scene)[0][..., None]
+    fill = np.where(pattern_mask(subject.pattern)[..., None], subject.colors[0], subject.colors[1]).astype(np.float32)
+    img = np.empty_like(fill)
+    img[:] = world.BACKGROUNDS[background]
+    img = img * (1 - cov) + cov * fill
+    phrase = world.POSITION_PHRASES[position]
+    caption = f"a {size_word} {subject.token} {subject.shape} {phrase}, on a {background} background"
+    return np.clip(np.round(img), 0, 255).astype(np.uint8), caption
+
+
+def write_instance_folder(subject: Subject, folder: str | Path) -> list[Path]:
+    """Write the subject's instance images (PNG) and captions (.txt) to ``folder``."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (position, background) in enumerate(instance_layouts(subject)):
+        img, caption = render_subject(subject, position, background)
+        path = folder / f"{i:02d}.png"
+        Image.fromarray(img).save(path)
+        path.with_suffix(".txt").write_text(caption + "\n")
+        paths.append(path)
+    return paths
+
+
+def object_mask(image: np.ndarray, threshold: float = 60.0) -> np.ndarray:
+    """``(H, W)`` bool: pixels far from the estimated background colour."""
+    bg = background_rgb(image).astype(np.float32)
+    return np.linalg.norm(image.astype(np.float32) - bg, axis=-1) > threshold
+
+
+def color_composition(image: np.ndarray, subject: Subject) -> np.ndarray:
+    """Fractions of object pixels nearest to the subject's colour 1, colour 2, or neither: ``(3,)``.
+
+    "Neither" collects pixels nearer to another world colour than to both subject colours.
+    """
+    mask = object_mask(image)
+    if mask.sum() == 0:
+        return np.array([0.0, 0.0, 1.0])
+    pixels = image[mask].astype(np.float32)
+    palette = [np.asarray(c, np.float32) for c in subject.colors]
+    others = [np.asarray(c, np.float32) for n, c in world.COLORS.items() if tuple(c) not in subject.colors]
+    d = np.stack([np.linalg.norm(pixels - c, axis=-1) for c in palette + others], axis=-1)
+    nearest = d.argmin(-1)
+    counts = np.array([(nearest == 0).mean(), (nearest == 1).mean(), (nearest >= 2).mean()])
+    return counts
+
+
+def subject_similarity(image: np.ndarray, subject: Subject, reference: np.ndarray) -> float:
+    """Histogram intersection (0..1) of the image's colour composition with ``reference``."""
+    return float(np.minimum(color_composition(image, subject), reference).sum())
+
+
+def reference_composition(subject: Subject) -> np.ndarray:
+    """Mean colour composition of the subject's instance images, ``(3,)``."""
+    comps = [color_composition(render_subject(subject, p, b)[0], subject) for p, b in instance_layouts(subject)]
+    return np.mean(comps, axis=0)
+
+
+def shape_matches(image: np.ndarray, subject: Subject) -> bool:
+    """Whether the detector reads the subject's shape class as the main object."""
+    found = detect(image, max_objects=1)
+    return bool(found.objects) and found.objects[0].shape == subject.shape
+
+
+def subjects_root() -> Path:
+    """``assets/subjects`` of this checkout (instance folders and ``subjects.json``)."""
+    return Path(__file__).resolve().parents[1] / "assets" / "subjects"
+
+
+def write_subject_assets(root: str | Path | None = None) -> Path:
+    """Write every subject's instance folder and an index ``subjects.json`` under ``root``."""
+    import json
+
+    root = Path(root) if root is not None else subjects_root()
+    index = []
+    for s in SUBJECTS:
+        write_instance_folder(s, root / s.name)
+        index.append(
+            {
+                "name": s.name,
+                "folder": s.name,
+                "token": s.token,
+                "instance_prompt": s.instance_prompt,
+                "class_prompt": s.class_prompt,
+                "pattern": s.pattern,
+            }
+        )
+    (root / "subjects.json").write_text(json.dumps(index, indent=2) + "\n")
+    return root
+
+
+if __name__ == "__main__":
+    print(f"subjects written to {write_subject_assets()}")
