@@ -139,8 +139,8 @@ def tiny_pipeline(kind: str = "sd15", folder: str | Path | None = None, seed: in
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    tok_dir = Path(tempfile.mkdtemp(prefix="tiny-tokenizer-"))
-    tokenizer = tiny_tokenizer(tok_dir)
+    with tempfile.TemporaryDirectory(prefix="tiny-tokenizer-") as tok_dir:
+        tokenizer = tiny_tokenizer(tok_dir)  # loaded into memory; the files can go
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,

@@ -1,0 +1,252 @@
+#!/usr/bin/env python
+"""Subject-driven training benchmark: orthogonal methods against peft LoRA on the shipped subjects.
+
+    .venv/bin/python benchmarks/subject_fidelity.py            # default model, all methods
+    .venv/bin/python benchmarks/subject_fidelity.py --steps 200 --methods oft,lora --subjects checker-circle
+
+For every (subject, method, seed) it trains with the project's DreamBooth code (prior
+preservation on, the same steps, batch and data for all) and measures, with the classical
+shapes-world detector:
+
+* subject fidelity: colour composition of the generated object against the instance images
+  (histogram intersection, 0..1), and whether the object has the subject's shape;
+* prompt fidelity: for subject prompts, whether the requested background and position
+  appear;
+* forgetting: the model's accuracy on ordinary prompts (shape, colour, background and
+  position all right) after training, minus before; and class-prompt drift, how much the
+  subject's look leaks into images of its class prompt (similarity after minus before).
+
+Writes ``benchmarks/results/subject_fidelity.md`` (table), ``subject_fidelity.json`` and
+``subject_fidelity.png`` (one sample row per method and subject).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ortho_diffusion.diffusion import load_pipeline  # noqa: E402
+from ortho_diffusion.shapes import caption, detect, make_scene  # noqa: E402
+from ortho_diffusion.shapes.world import POSITION_PHRASES  # noqa: E402
+from ortho_diffusion.subjects import (  # noqa: E402
+    SUBJECTS,
+    backgrounds_for,
+    reference_composition,
+    shape_matches,
+    subject_similarity,
+    subjects_root,
+)
+from ortho_diffusion.training.common import atomic_write_bytes, atomic_write_json, image_grid  # noqa: E402
+from ortho_diffusion.training.dreambooth import build_parser, train  # noqa: E402
+
+#: Per method: adapter flags giving comparable parameter counts (see the table's column) and
+#: the learning rate used for all subjects.
+METHOD_FLAGS = {
+    "oft": ["--method", "oft", "--block_size", "8", "--learning_rate", "3e-3"],
+    "oftv2": ["--method", "oftv2", "--block_size", "8", "--learning_rate", "3e-3"],
+    "boft": ["--method", "boft", "--block_size", "4", "--n_factors", "2", "--learning_rate", "3e-3"],
+    "goft": ["--method", "goft", "--learning_rate", "3e-3"],
+    "qgoft": ["--method", "qgoft", "--learning_rate", "3e-3"],
+    "lora": ["--method", "lora", "--lora_rank", "2", "--learning_rate", "1e-3"],
+}
+
+ORDINARY = [
+    ("large", "red", "square", "left", "white"),
+    ("small", "blue", "circle", "right", "black"),
+    ("large", "green", "triangle", "center", "gray"),
+    ("large", "yellow", "star", "top", "black"),
+    ("small", "purple", "square", "bottom", "white"),
+    ("large", "white", "circle", "center", "brown"),
+    ("large", "blue", "star", "left", "pink"),
+    ("small", "red", "triangle", "right", "gray"),
+]
+
+
+def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> list[np.ndarray]:
+    """One image per (prompt, seed), batched; ``(64, 64, 3)`` uint8 arrays."""
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    with torch.no_grad():
+        out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="np").images
+    return [(np.clip(a, 0, 1) * 255).round().astype(np.uint8) for a in out]
+
+
+def subject_prompts(subject) -> list[tuple[str, str, str]]:
+    """``(prompt, background, position)`` of the subject prompts."""
+    out = []
+    for bg in backgrounds_for(subject)[:2]:
+        for pos in ("left", "right", "center"):
+            out.append((f"a large {subject.token} {subject.shape} {POSITION_PHRASES[pos]}, on a {bg} background", bg, pos))
+    return out
+
+
+def class_prompts(subject) -> list[str]:
+    return [f"a large {subject.shape} {POSITION_PHRASES[p]}, on a {b} background" for p, b in [("center", "black"), ("left", "gray")]]
+
+
+def ordinary_accuracy(images: list[np.ndarray]) -> float:
+    """Fraction of ordinary-prompt images with shape, colour, background and position right."""
+    ok = 0
+    for img, (size, color, shape, pos, bg) in zip(images, ORDINARY):
+        d = detect(img, max_objects=1)
+        o = d.objects[0] if d.objects else None
+        ok += bool(o and o.shape == shape and o.color == color and o.position == pos and d.background == bg)
+    return ok / len(images)
+
+
+def evaluate(pipe, subject, reference, seeds: list[int], steps: int, guidance: float) -> dict:
+    """All metrics of one model (trained or base) for one subject."""
+    sp = subject_prompts(subject)
+    prompts = [p for p, _, _ in sp for _ in seeds]
+    sub_imgs = generate(pipe, prompts, [s for _ in sp for s in seeds], steps, guidance)
+    expected = [(bg, pos) for _, bg, pos in sp for _ in seeds]
+    sims = [subject_similarity(img, subject, reference) for img in sub_imgs]
+    shapes_ok = [shape_matches(img, subject) for img in sub_imgs]
+    dets = [detect(img, max_objects=1) for img in sub_imgs]
+    bg_ok = [d.background == bg for d, (bg, _) in zip(dets, expected)]
+    pos_ok = [bool(d.objects) and d.objects[0].position == pos for d, (_, pos) in zip(dets, expected)]
+    ordinary_prompts = [caption(make_scene(bg, [(size, color, shape, pos)])) for size, color, shape, pos, bg in ORDINARY]
+    ord_imgs = generate(pipe, ordinary_prompts, [0] * len(ordinary_prompts), steps, guidance)
+    cls = class_prompts(subject)
+    cls_imgs = generate(pipe, [c for c in cls for _ in seeds], [s for _ in cls for s in seeds], steps, guidance)
+    return {
+        "subject_similarity": float(np.mean(sims)),
+        "subject_shape": float(np.mean(shapes_ok)),
+        "prompt_background": float(np.mean(bg_ok)),
+        "prompt_position": float(np.mean(pos_ok)),
+        "ordinary_accuracy": ordinary_accuracy(ord_imgs),
+        "class_similarity": float(np.mean([subject_similarity(i, subject, reference) for i in cls_imgs])),
+        "samples": sub_imgs[: len(seeds) * 3 : len(seeds)],
+    }
+
+
+def run_one(args, subject, method: str, seed: int, work: Path) -> tuple[dict, object]:
+    flags = [
+        "--pretrained_model_name_or_path", str(args.model),
+        "--instance_data_dir", str(subjects_root() / subject.name),
+        "--instance_prompt", subject.instance_prompt,
+        "--with_prior_preservation",
+        "--class_data_dir", str(work / "class" / subject.name),
+        "--class_prompt", subject.class_prompt,
+        "--num_class_images", str(args.class_images),
+        "--output_dir", str(work / f"{subject.name}-{method}-{seed}"),
+        "--max_train_steps", str(args.steps),
+        "--train_batch_size", str(args.batch),
+        "--seed", str(seed),
+        "--checkpointing_steps", "0",
+        "--validation_steps", "0",
+        "--num_validation_images", "2",
+        "--report_to", "none",
+        *METHOD_FLAGS[method],
+    ]
+    start = time.perf_counter()
+    pipe, summary = train(build_parser().parse_args(flags))
+    summary["train_seconds"] = time.perf_counter() - start
+    return summary, pipe
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
+    p.add_argument("--methods", default=",".join(METHOD_FLAGS))
+    p.add_argument("--subjects", default=",".join(s.name for s in SUBJECTS))
+    p.add_argument("--seeds", default="0", help="training seeds, comma-separated")
+    p.add_argument("--eval_seeds", type=int, default=2, help="images per prompt")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--class_images", type=int, default=20)
+    p.add_argument("--sample_steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--work_dir", default="outputs/bench-subjects")
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    args = p.parse_args(argv)
+    if args.model is None:
+        from ortho_diffusion.default_model import default_model_path
+
+        args.model = default_model_path()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    methods = args.methods.split(",")
+    subjects = [s for s in SUBJECTS if s.name in args.subjects.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    eval_seeds = list(range(100, 100 + args.eval_seeds))
+    work = Path(args.work_dir)
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores; torch {torch.__version__}")
+
+    base = load_pipeline(args.model)
+    rows, samples = [], {}
+    for subject in subjects:
+        reference = reference_composition(subject)
+        base_metrics = evaluate(base, subject, reference, eval_seeds, args.sample_steps, args.guidance)
+        samples[(subject.name, "base")] = base_metrics.pop("samples")
+        rows.append({"subject": subject.name, "method": "base", **base_metrics, "parameters": 0})
+        for method in methods:
+            for seed in seeds:
+                summary, pipe = run_one(args, subject, method, seed, work)
+                m = evaluate(pipe, subject, reference, eval_seeds, args.sample_steps, args.guidance)
+                samples[(subject.name, method)] = m.pop("samples")
+                m["forgetting"] = base_metrics["ordinary_accuracy"] - m["ordinary_accuracy"]
+                m["class_drift"] = m["class_similarity"] - base_metrics["class_similarity"]
+                rows.append({
+                    "subject": subject.name, "method": method, "seed": seed, **m,
+                    "parameters": summary["trainable_parameters"], "train_seconds": round(summary["train_seconds"], 1),
+                })
+                print(json.dumps(rows[-1]))
+    write_results(Path(args.results), rows, samples, methods, subjects, args)
+    return 0
+
+
+def write_results(out: Path, rows: list[dict], samples: dict, methods, subjects, args) -> None:
+    """Markdown table (means over subjects and seeds), JSON rows and a sample grid."""
+    out.mkdir(parents=True, exist_ok=True)
+    cols = ["subject_similarity", "subject_shape", "prompt_background", "prompt_position", "ordinary_accuracy",
+            "forgetting", "class_drift", "parameters", "train_seconds"]
+    lines = [
+        f"Subject benchmark: {len(subjects)} subjects, {args.steps} steps at batch {args.batch} with prior preservation, "
+        f"training seeds {args.seeds}, {args.eval_seeds} images per prompt, {args.sample_steps} sampling steps, "
+        f"guidance {args.guidance}. Means over subjects and seeds.",
+        "",
+        "| method | subject similarity | subject shape | background | position | ordinary prompts | forgetting | class drift | parameters | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method in ["base", *methods]:
+        sel = [r for r in rows if r["method"] == method]
+        if not sel:
+            continue
+        mean = {c: np.mean([r.get(c, 0.0) for r in sel]) for c in cols}
+        trained = method != "base"
+        forgetting = f"{mean['forgetting']:+.0%}" if trained else "-"
+        drift = f"{mean['class_drift']:+.3f}" if trained else "-"
+        seconds = f"{mean['train_seconds']:.0f}" if trained else "-"
+        lines.append(
+            f"| {method} | {mean['subject_similarity']:.3f} | {mean['subject_shape']:.0%} | "
+            f"{mean['prompt_background']:.0%} | {mean['prompt_position']:.0%} | {mean['ordinary_accuracy']:.0%} | "
+            f"{forgetting} | {drift} | {int(mean['parameters']):,} | {seconds} |"
+        )
+    atomic_write_bytes(out / "subject_fidelity.md", ("\n".join(lines) + "\n").encode())
+    atomic_write_json(out / "subject_fidelity.json", rows)
+    tiles = []
+    for subject in subjects:
+        for method in ["base", *methods]:
+            for img in samples.get((subject.name, method), []):
+                tiles.append(Image.fromarray(img).resize((96, 96), Image.NEAREST))
+    if tiles:
+        grid = image_grid(tiles, cols=3 * (1 + len(methods)))
+        grid.save(out / "subject_fidelity.png")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
