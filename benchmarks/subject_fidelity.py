@@ -107,8 +107,15 @@ def ordinary_accuracy(images: list[np.ndarray]) -> float:
     return ok / len(images)
 
 
-def evaluate(pipe, subject, reference, seeds: list[int], steps: int, guidance: float) -> dict:
-    """All metrics of one model (trained or base) for one subject."""
+def instance_images(subject) -> list[np.ndarray]:
+    return [np.asarray(Image.open(p).convert("RGB")) for p in sorted((subjects_root() / subject.name).glob("*.png"))]
+
+
+def evaluate(pipe, subject, reference, seeds: list[int], steps: int, guidance: float, scorers=None) -> dict:
+    """All metrics of one model (trained or base) for one subject.
+
+    ``scorers``: optional ``(ClipScorer | None, DinoScorer | None)`` for the papers' metrics.
+    """
     sp = subject_prompts(subject)
     prompts = [p for p, _, _ in sp for _ in seeds]
     sub_imgs = generate(pipe, prompts, [s for _ in sp for s in seeds], steps, guidance)
@@ -122,7 +129,15 @@ def evaluate(pipe, subject, reference, seeds: list[int], steps: int, guidance: f
     ord_imgs = generate(pipe, ordinary_prompts, [0] * len(ordinary_prompts), steps, guidance)
     cls = class_prompts(subject)
     cls_imgs = generate(pipe, [c for c in cls for _ in seeds], [s for _ in cls for s in seeds], steps, guidance)
+    paper = {}
+    clip, dino = scorers or (None, None)
+    if clip is not None:
+        paper["clip_i"] = clip.clip_i(sub_imgs, instance_images(subject))
+        paper["clip_t"] = clip.clip_t(sub_imgs, prompts)
+    if dino is not None:
+        paper["dino"] = dino.dino(sub_imgs, instance_images(subject))
     return {
+        **paper,
         "subject_similarity": float(np.mean(sims)),
         "subject_shape": float(np.mean(shapes_ok)),
         "prompt_background": float(np.mean(bg_ok)),
@@ -170,6 +185,8 @@ def main(argv=None) -> int:
     p.add_argument("--class_images", type=int, default=20)
     p.add_argument("--sample_steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--clip_model", default=None, help="local CLIP folder: adds CLIP-I and CLIP-T")
+    p.add_argument("--dino_model", default=None, help="local DINO/ViT folder: adds DINO")
     p.add_argument("--work_dir", default="outputs/bench-subjects")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
@@ -185,17 +202,23 @@ def main(argv=None) -> int:
     work = Path(args.work_dir)
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores; torch {torch.__version__}")
 
+    from ortho_diffusion.paper_metrics import ClipScorer, DinoScorer
+
+    scorers = (
+        ClipScorer(args.clip_model) if args.clip_model else None,
+        DinoScorer(args.dino_model) if args.dino_model else None,
+    )
     base = load_pipeline(args.model)
     rows, samples = [], {}
     for subject in subjects:
         reference = reference_composition(subject)
-        base_metrics = evaluate(base, subject, reference, eval_seeds, args.sample_steps, args.guidance)
+        base_metrics = evaluate(base, subject, reference, eval_seeds, args.sample_steps, args.guidance, scorers)
         samples[(subject.name, "base")] = base_metrics.pop("samples")
         rows.append({"subject": subject.name, "method": "base", **base_metrics, "parameters": 0})
         for method in methods:
             for seed in seeds:
                 summary, pipe = run_one(args, subject, method, seed, work)
-                m = evaluate(pipe, subject, reference, eval_seeds, args.sample_steps, args.guidance)
+                m = evaluate(pipe, subject, reference, eval_seeds, args.sample_steps, args.guidance, scorers)
                 samples[(subject.name, method)] = m.pop("samples")
                 m["forgetting"] = base_metrics["ordinary_accuracy"] - m["ordinary_accuracy"]
                 m["class_drift"] = m["class_similarity"] - base_metrics["class_similarity"]
@@ -221,6 +244,7 @@ def write_results(out: Path, rows: list[dict], samples: dict, methods, subjects,
         "| method | subject similarity | subject shape | background | position | ordinary prompts | forgetting | class drift | parameters | train s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    extra_lines: list[str] = []
     for method in ["base", *methods]:
         sel = [r for r in rows if r["method"] == method]
         if not sel:
@@ -230,11 +254,16 @@ def write_results(out: Path, rows: list[dict], samples: dict, methods, subjects,
         forgetting = f"{mean['forgetting']:+.0%}" if trained else "-"
         drift = f"{mean['class_drift']:+.3f}" if trained else "-"
         seconds = f"{mean['train_seconds']:.0f}" if trained else "-"
+        paper = " ".join(f"{k}={np.mean([r[k] for r in sel]):.3f}" for k in ("dino", "clip_i", "clip_t") if k in sel[0])
+        if paper:
+            extra_lines.append(f"- {method}: {paper}")
         lines.append(
             f"| {method} | {mean['subject_similarity']:.3f} | {mean['subject_shape']:.0%} | "
             f"{mean['prompt_background']:.0%} | {mean['prompt_position']:.0%} | {mean['ordinary_accuracy']:.0%} | "
             f"{forgetting} | {drift} | {int(mean['parameters']):,} | {seconds} |"
         )
+    if extra_lines:
+        lines += ["", "Paper metrics (local encoders):", *extra_lines]
     atomic_write_bytes(out / "subject_fidelity.md", ("\n".join(lines) + "\n").encode())
     atomic_write_json(out / "subject_fidelity.json", rows)
     tiles = []
