@@ -9,6 +9,7 @@ Public API::
     od.merge(unet_or_pipe); od.unmerge(unet_or_pipe); od.detach(unet_or_pipe)
     od.save_adapter(unet_or_pipe, "subject.safetensors")
     od.load_adapter(unet_or_pipe, "subject.safetensors", scale=1.0)
+    od.export("subject.safetensors", "lycoris", "subject-comfy.safetensors")
 """
 
 __version__ = "0.1.0"
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 from .adapter import OrthogonalAdapter
 from .config import METHODS, AdapterConfig
 from .formats import AdapterFileError, load_adapter, save_adapter
+from .formats.export import ExportError, export
 from .inject import (
     PRESETS,
     adapter_parameters,
@@ -33,11 +35,13 @@ __all__ = [
     "PRESETS",
     "AdapterConfig",
     "AdapterFileError",
+    "ExportError",
     "OrthogonalAdapter",
     "__version__",
     "adapter_parameters",
     "attach",
     "detach",
+    "export",
     "load_adapter",
     "merge",
     "orthogonality_penalty",

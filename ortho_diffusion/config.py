@@ -12,6 +12,7 @@ from .rotations import ButterflyCayleyRotation, GivensRotation, Rotation, defaul
 METHODS = ("oft", "oftv2", "boft", "goft", "qgoft")
 SIDES = ("input", "output")
 COMPUTES = ("auto", "input-centric", "weight-centric")
+BUTTERFLY_ORDERS = ("ascending", "descending")
 
 
 @dataclass
@@ -36,6 +37,9 @@ class AdapterConfig:
         targets: a preset name (see :data:`ortho_diffusion.inject.PRESETS`) or a list of
             module-name patterns (suffixes of dotted names, or ``"re:<regex>"``).
         qgoft_lambda: weight of qGOFT's soft-orthogonality penalty.
+        butterfly_order: ``"ascending"`` (factor ``k`` of ``R = F_0 ... F_{m-1}`` pairs
+            half-blocks ``2^k`` apart: peft's order) or ``"descending"`` (``2^(m-1-k)``:
+            the block-diagonal factor acts first, LyCORIS' order; set by LyCORIS imports).
     """
 
     method: str = "oft"
@@ -50,6 +54,7 @@ class AdapterConfig:
     block_share: bool = False
     targets: str | list[str] = "unet-attn"
     qgoft_lambda: float = 1e-2
+    butterfly_order: str = "ascending"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -68,6 +73,8 @@ class AdapterConfig:
             raise ValueError(f"constraint must be positive, got {self.constraint}")
         if self.method in ("goft", "qgoft") and (self.block_size or self.n_blocks or self.block_share):
             raise ValueError(f"{self.method} rotates the whole width: block_size, n_blocks, block_share do not apply")
+        if self.butterfly_order not in BUTTERFLY_ORDERS:
+            raise ValueError(f"butterfly_order must be one of {BUTTERFLY_ORDERS}, got {self.butterfly_order!r}")
         if isinstance(self.targets, tuple):
             self.targets = list(self.targets)
 
@@ -107,4 +114,5 @@ class AdapterConfig:
             neumann_terms=self.neumann_terms if self.method == "oftv2" else None,
             constraint=self.constraint,
             block_share=self.block_share,
+            descending=self.butterfly_order == "descending",
         )

@@ -169,10 +169,29 @@ class AdapterFile:
             raise AdapterFileError(f"{self.path}: no such adapter file")
         try:
             with safe_open(str(self.path), framework="pt") as f:
-                self.metadata: dict[str, str] = dict(f.metadata() or {})
-                self.tensors: dict[str, torch.Tensor] = {k: f.get_tensor(k) for k in f.keys()}
+                metadata: dict[str, str] = dict(f.metadata() or {})
+                tensors: dict[str, torch.Tensor] = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as err:  # safetensors raises its own error types for bad files
             raise AdapterFileError(f"{self.path}: not a readable safetensors file ({err})") from None
+        self._parse(metadata, tensors)
+
+    @classmethod
+    def from_memory(
+        cls, path: str | os.PathLike, metadata: dict[str, str], tensors: dict[str, torch.Tensor]
+    ) -> AdapterFile:
+        """A file converted in memory (from peft or LyCORIS) in the native layout.
+
+        ``path`` is the original file or folder (used in messages and for the default
+        adapter name).  An empty ``fingerprint.<c>`` means the base architecture is unknown:
+        loading then relies on the module names and tensor shapes alone.
+        """
+        file = cls.__new__(cls)
+        file.path = Path(path)
+        file._parse(metadata, tensors)
+        return file
+
+    def _parse(self, metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
+        self.metadata, self.tensors = metadata, tensors
         if self.metadata.get("format") != FORMAT:
             raise AdapterFileError(
                 f"{self.path}: not an ortho-diffusion adapter (metadata format={self.metadata.get('format')!r})"
@@ -182,8 +201,19 @@ class AdapterFile:
             self.configs = {c: AdapterConfig.from_dict(json.loads(self.metadata[f"config.{c}"])) for c in self.components}
             self.modules = {c: json.loads(self.metadata[f"modules.{c}"]) for c in self.components}
             self.fingerprints = {c: self.metadata[f"fingerprint.{c}"] for c in self.components}
+            # Optional per-module configurations (converted files whose layers differ, e.g.
+            # in block size); modules not listed use the component's config.
+            self.module_configs: dict[str, dict[str, AdapterConfig]] = {
+                c: {p: AdapterConfig.from_dict(d) for p, d in json.loads(self.metadata[f"module_configs.{c}"]).items()}
+                for c in self.components
+                if f"module_configs.{c}" in self.metadata
+            }
         except (KeyError, ValueError, TypeError) as err:
             raise AdapterFileError(f"{self.path}: damaged metadata ({err})") from None
+
+    def config_for(self, component: str, module: str) -> AdapterConfig:
+        """The configuration of one adapted module."""
+        return self.module_configs.get(component, {}).get(module, self.configs[component])
 
     def component_tensors(self, component: str) -> dict[str, dict[str, torch.Tensor]]:
         """``{module path: {tensor name: tensor}}`` of one component."""
@@ -220,12 +250,11 @@ def _check_component(file: AdapterFile, comp: str, module: nn.Module, adapter_na
     """Raise unless every tensor of ``comp`` fits ``module``; touches nothing."""
     expected_fp = file.fingerprints[comp]
     actual_fp = architecture_fingerprint(module)
-    if expected_fp != actual_fp:
+    if expected_fp and expected_fp != actual_fp:
         raise AdapterFileError(
             f"{file.path}: the {comp} adapter was made for another base architecture "
             f"(fingerprint {expected_fp}, this {type(module).__name__} has {actual_fp})"
         )
-    config = file.configs[comp]
     tensors = file.component_tensors(comp)
     listed = file.modules[comp]
     for path in set(tensors) - set(listed):
@@ -245,7 +274,7 @@ def _check_component(file: AdapterFile, comp: str, module: nn.Module, adapter_na
         else:
             base = layer
         try:
-            probe = OrthogonalAdapter(base, "probe", config)
+            probe = OrthogonalAdapter(base, "probe", file.config_for(comp, path))
         except (TypeError, ValueError) as err:
             raise AdapterFileError(f"{file.path}: module {comp}.{path}: {err}") from None
         want = {k: tuple(v.shape) for k, v in _adapter_tensors(probe, "probe").items()}
@@ -265,6 +294,39 @@ def _check_component(file: AdapterFile, comp: str, module: nn.Module, adapter_na
                 raise AdapterFileError(f"{file.path}: module {comp}.{path}: tensor {k} holds NaN or inf")
 
 
+def open_adapter(path: str | os.PathLike, x: Any = None) -> AdapterFile:
+    """Read a native file, or convert a peft folder or a LyCORIS file, to an :class:`AdapterFile`.
+
+    ``x`` (the module or pipeline it will load into) is needed for LyCORIS files, whose
+    keys flatten module paths (dots become underscores) and can only be resolved against
+    a model.
+    """
+    path = Path(path)
+    if path.is_dir():
+        from .peft import read_peft
+
+        return read_peft(path)
+    if not path.is_file():
+        raise AdapterFileError(f"{path}: no such adapter file or folder")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            fmt = (f.metadata() or {}).get("format")
+            keys = list(f.keys())
+    except Exception as err:  # safetensors raises its own error types for bad files
+        raise AdapterFileError(f"{path}: not a readable safetensors file ({err})") from None
+    if fmt != FORMAT and any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
+        from .lycoris import read_lycoris
+
+        if x is None:
+            raise AdapterFileError(f"{path}: a LyCORIS file can only be read against the model it adapts")
+        return read_lycoris(path, x)
+    if fmt != FORMAT and any(k.startswith("base_model.model.") for k in keys):
+        raise AdapterFileError(
+            f"{path}: looks like peft adapter weights; pass the folder that also holds adapter_config.json"
+        )
+    return AdapterFile(path)
+
+
 def default_adapter_name(path: str | os.PathLike) -> str:
     """Adapter name derived from a file name (``"my subject.safetensors"`` -> ``"my_subject"``)."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", Path(path).stem) or "adapter"
@@ -280,9 +342,15 @@ def load_adapter(
     tensor names and shapes, finite values); on any problem an :class:`AdapterFileError`
     names the file and the module, and ``x`` is left unchanged.
 
+    Besides native files, ``path`` may be a peft OFT/BOFT adapter folder
+    (``adapter_config.json`` + ``adapter_model.safetensors``, or one such folder per
+    component) or a LyCORIS/kohya ``diag-oft`` / ``boft`` ``.safetensors`` file: these are
+    converted exactly to the native form first (see :mod:`ortho_diffusion.formats.peft`
+    and :mod:`ortho_diffusion.formats.lycoris`) and then go through the same validation.
+
     Args:
         x: module or diffusers pipeline.
-        path: a native ``.safetensors`` adapter file.
+        path: a native ``.safetensors`` adapter file, a peft folder or a LyCORIS file.
         scale: strength ``t`` to set after loading.
         adapter_name: name for this adapter (default: the file's stem); adapters with
             different names compose.
@@ -290,21 +358,25 @@ def load_adapter(
     Returns:
         ``x``.
     """
-    file = AdapterFile(path)
+    file = open_adapter(path, x)
     name = adapter_name or default_adapter_name(path)
     targets = _match_components(file, x)
     for comp, module in targets.items():
         _check_component(file, comp, module, name)
     for comp, module in targets.items():
-        config = file.configs[comp]
-        exact = AdapterConfig.from_dict({**config.to_dict(), "targets": [f"re:{re.escape(p)}" for p in file.modules[comp]]})
-        paths = attach_to_module(module, exact, name)
         tensors = file.component_tensors(comp)
-        for p in paths:
-            layer = module.get_submodule(p)
-            for key, param in _adapter_tensors(layer, name).items():
-                param.copy_(tensors[p][key].to(param.dtype))
-            layer.configs[name] = config  # keep the user's targets, not the exact paths
+        groups: dict[str, list[str]] = {}  # modules sharing one configuration attach together
+        for p in file.modules[comp]:
+            groups.setdefault(file.config_for(comp, p).to_json(), []).append(p)
+        for members in groups.values():
+            config = file.config_for(comp, members[0])
+            targets_re = [f"re:{re.escape(p)}" for p in members]
+            paths = attach_to_module(module, AdapterConfig.from_dict({**config.to_dict(), "targets": targets_re}), name)
+            for p in paths:
+                layer = module.get_submodule(p)
+                for key, param in _adapter_tensors(layer, name).items():
+                    param.copy_(tensors[p][key].to(param.dtype))
+                layer.configs[name] = config  # keep the user's targets, not the exact paths
     set_scale(x, scale, adapter_name=name)
     return x
 

@@ -108,6 +108,9 @@ class ButterflyCayleyRotation(Rotation):
             in the Cayley-Neumann series (OFTv2).
         constraint: COFT bound on each block generator's Frobenius norm, or ``None``.
         block_share: one generator shared by all blocks of a factor.
+        descending: factor ``k`` pairs half-blocks ``2^(n_factors-1-k)`` apart instead of
+            ``2^k`` (the block-diagonal factor acts first: the order of LyCORIS' BOFT, kept
+            so that its files convert exactly).
     """
 
     def __init__(
@@ -118,6 +121,7 @@ class ButterflyCayleyRotation(Rotation):
         neumann_terms: int | None = None,
         constraint: float | None = None,
         block_share: bool = False,
+        descending: bool = False,
     ) -> None:
         super().__init__()
         error = butterfly_error(dim, block_size, n_factors)
@@ -130,8 +134,13 @@ class ButterflyCayleyRotation(Rotation):
         self.n_blocks = dim // block_size
         self.neumann_terms, self.constraint, self.block_share = neumann_terms, constraint, block_share
         self.exact = neumann_terms is None
+        self.descending = descending
         stored = 1 if block_share else self.n_blocks
         self.generators = nn.Parameter(torch.zeros(n_factors, stored, n_packed(block_size)))
+
+    def stride_exponent(self, k: int) -> int:
+        """Factor ``k`` pairs half-blocks ``2^stride_exponent(k)`` apart."""
+        return self.n_factors - 1 - k if self.descending else k
 
     def skew(self, scale: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The effective generators ``t Q`` after the constraint and the Neumann guard.
@@ -169,10 +178,11 @@ class ButterflyCayleyRotation(Rotation):
         out_dtype = x.dtype
         y = x.to(blocks.dtype)
         for k in factors:
-            xb = to_blocks(y, self.block_size, k)
+            e = self.stride_exponent(k)
+            xb = to_blocks(y, self.block_size, e)
             # y_i = sum_j B_ij x_j for every block; a shared block broadcasts over blocks.
             yb = torch.einsum("...rj,rij->...ri", xb, blocks[k].expand(self.n_blocks, -1, -1))
-            y = from_blocks(yb, self.block_size, k)
+            y = from_blocks(yb, self.block_size, e)
         return y.to(out_dtype)
 
     def cost_per_vector(self) -> int:
@@ -183,6 +193,7 @@ class ButterflyCayleyRotation(Rotation):
         return (
             f"dim={self.dim}, block_size={self.block_size}, n_factors={self.n_factors}, {kind}, "
             f"constraint={self.constraint}, block_share={self.block_share}"
+            + (", descending" if self.descending else "")
         )
 
 
