@@ -42,6 +42,10 @@ def test_adapter_contract_on_real_architectures(method, model_kind):
         torch.testing.assert_close(run(model), base, atol=1e-6, rtol=0)  # identity at init
 
         randomize(od.adapter_parameters(model), std=0.05)
+        for layer in model.modules():
+            if isinstance(layer, od.OrthogonalAdapter) and layer.rotations["default"].exact:
+                r = layer.rotations["default"].matrix()
+                assert (r @ r.T - torch.eye(r.shape[0])).abs().max() < 1e-5
         live = run(model)
         assert (live - base).abs().max() > 1e-3
         od.set_scale(model, 0.0)
