@@ -93,6 +93,48 @@ def component_name(module: nn.Module) -> str:
     return "model"
 
 
+class AdapterExtension(nn.Module):
+    """Base of wrappers that add adapter parts other than rotations (e.g. a control encoder).
+
+    A subclass wraps one layer (``self.base_layer``) and keeps one trainable module per
+    adapter name in ``self.adapter_modules`` (parameters under that name are left out of the
+    architecture fingerprint).  :func:`set_scale`, :func:`detach`, :func:`adapter_parameters`
+    and :func:`summary` treat these parts like rotations of the same adapter name, and
+    ``file_part`` names the section of the native adapter file that stores them.
+    """
+
+    file_part: str = ""
+    kind: str = "extension"
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapter_modules = nn.ModuleDict()
+        self.scales: dict[str, float] = {}
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.adapter_modules.keys())
+
+    def set_scale(self, scale: float, name: str | None = None) -> None:
+        """Strength of one part (or all): 0 leaves the base layer's output untouched."""
+        for n in self.adapter_names:
+            if name is None or n == name:
+                self.scales[n] = float(scale)
+
+    def remove_adapter(self, name: str) -> None:
+        del self.adapter_modules[name]
+        self.scales.pop(name, None)
+
+
+def iter_extensions(x: Any) -> Iterator[tuple[str, str, AdapterExtension]]:
+    """Yield ``(component, module_path, extension)`` for every :class:`AdapterExtension` in ``x``."""
+    for comp, module in components(x).items():
+        for path, sub in module.named_modules():
+            if isinstance(sub, AdapterExtension):
+                yield comp, path, sub
+
+
 def iter_adapters(x: Any) -> Iterator[tuple[str, str, OrthogonalAdapter]]:
     """Yield ``(component, module_path, adapter)`` for every adapter layer in ``x``."""
     for comp, module in components(x).items():
@@ -202,6 +244,11 @@ def detach(x: Any, adapter_name: str | None = None) -> Any:
                 _set_submodule(module, path, layer.base_layer)
             elif adapter_name in layer.rotations:
                 layer.remove_adapter(adapter_name)
+        for path, ext in [(p, e) for _, p, e in iter_extensions(module)]:
+            if adapter_name is None or ext.adapter_names == [adapter_name]:
+                _set_submodule(module, path, ext.base_layer)
+            elif adapter_name in ext.adapter_names:
+                ext.remove_adapter(adapter_name)
     return x
 
 
@@ -214,6 +261,8 @@ def set_scale(x: Any, scale: float, adapter_name: str | None = None, n_active_fa
     """
     for _, _, layer in iter_adapters(x):
         layer.set_scale(scale, adapter_name, n_active_factors)
+    for _, _, ext in iter_extensions(x):
+        ext.set_scale(scale, adapter_name)
     return x
 
 
@@ -240,6 +289,10 @@ def adapter_parameters(x: Any, adapter_name: str | None = None) -> list[nn.Param
                 params += list(layer.rotations[name].parameters())
                 if name in layer.magnitudes:
                     params.append(layer.magnitudes[name])
+    for _, _, ext in iter_extensions(x):
+        for name in ext.adapter_names:
+            if adapter_name is None or name == adapter_name:
+                params += list(ext.adapter_modules[name].parameters())
     return params
 
 
@@ -298,4 +351,9 @@ def summary(x: Any) -> Summary:
                 n += layer.magnitudes[name].numel()
             shape = tuple(layer.base_layer.weight.shape)
             rows.append(SummaryRow(comp, path, name, cfg.method, cfg.side, shape, n))
+    for comp, path, ext in iter_extensions(x):
+        for name in ext.adapter_names:
+            n = sum(p.numel() for p in ext.adapter_modules[name].parameters())
+            shape = tuple(getattr(ext.base_layer, "weight", torch.empty(0)).shape)
+            rows.append(SummaryRow(comp, path, name, ext.kind, "-", shape, n))
     return Summary(rows)

@@ -10,7 +10,10 @@ Layout:
   ``library_version``, ``components`` (JSON list), and per component
   ``config.<c>`` (the :class:`AdapterConfig` as JSON), ``modules.<c>`` (JSON list of
   adapted module paths), ``fingerprint.<c>`` (hash of the base architecture),
-  ``base_model.<c>`` (the base model's name or path, informative).
+  ``base_model.<c>`` (the base model's name or path, informative);
+* optional further parts (``parts``: JSON list, e.g. ``["control"]``): tensors
+  ``"<part>/..."`` and metadata ``"<part>.*"``, written and read by the module named in
+  :data:`FILE_PARTS` (a control encoder is such a part).
 
 Loading validates everything before it touches the model, and never unpickles anything.
 """
@@ -18,6 +21,7 @@ Loading validates everything before it touches the model, and never unpickles an
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -32,10 +36,28 @@ from torch import nn
 
 from ..adapter import OrthogonalAdapter
 from ..config import AdapterConfig
-from ..inject import attach_to_module, component_name, components, is_pipeline, iter_adapters, set_scale
+from ..inject import (
+    attach_to_module,
+    component_name,
+    components,
+    is_pipeline,
+    iter_adapters,
+    iter_extensions,
+    set_scale,
+)
 
 FORMAT = "ortho-diffusion.adapter"
 FORMAT_VERSION = "1"
+
+#: Parts an adapter file may hold besides rotations, and the module handling each.  Such a
+#: module provides ``save(x, adapter_name) -> (tensors, metadata)``,
+#: ``check(file, x, adapter_name)`` (raise :class:`AdapterFileError`, touch nothing),
+#: ``load(file, x, adapter_name)`` and ``restore_plan(file, x, adapter_name) -> [(param, value)]``.
+FILE_PARTS: dict[str, str] = {"control": "ortho_diffusion.control.storage"}
+
+
+def _part_handler(part: str):
+    return importlib.import_module(FILE_PARTS[part])
 
 
 class AdapterFileError(ValueError):
@@ -51,12 +73,13 @@ def _library_version() -> str:
 def architecture_fingerprint(module: nn.Module) -> str:
     """Short hash of the base architecture: class name and every base parameter's name and shape.
 
-    Adapter parameters and the ``base_layer`` wrapping are ignored, so a model gives the same
+    Adapter parameters (rotations, magnitudes, the ``adapter_modules`` of extensions such as
+    a control encoder) and the ``base_layer`` wrapping are ignored, so a model gives the same
     fingerprint with or without adapters attached.
     """
     h = hashlib.sha256(type(module).__name__.encode())
     for name, p in sorted(module.named_parameters()):
-        if ".rotations." in name or ".magnitudes." in name:
+        if ".rotations." in name or ".magnitudes." in name or ".adapter_modules." in name:
             continue
         h.update(f"{name.replace('.base_layer', '')}:{tuple(p.shape)};".encode())
     return h.hexdigest()[:16]
@@ -93,7 +116,8 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pat
 
 
 def _pick_adapter_name(x: Any, adapter_name: str | None) -> str:
-    names = sorted({n for _, _, layer in iter_adapters(x) for n in layer.adapter_names})
+    names = {n for _, _, layer in iter_adapters(x) for n in layer.adapter_names}
+    names = sorted(names | {n for _, _, ext in iter_extensions(x) for n in ext.adapter_names})
     if not names:
         raise ValueError("no adapter is attached: nothing to save")
     if adapter_name is not None:
@@ -145,6 +169,17 @@ def save_adapter(
             for key, value in _adapter_tensors(layer, name).items():
                 tensors[f"{comp}/{p}/{key}"] = value.detach().to("cpu", torch.float32).contiguous()
     metadata["components"] = json.dumps(comps)
+    parts = sorted({e.file_part for _, _, e in iter_extensions(x) if name in e.adapter_names and e.file_part})
+    for part in parts:
+        part_tensors, part_metadata = _part_handler(part).save(x, name)
+        if any(not k.startswith(f"{part}/") for k in part_tensors) or any(
+            not k.startswith(f"{part}.") for k in part_metadata
+        ):
+            raise ValueError(f"file part {part!r} must prefix its tensors with {part}/ and its metadata with {part}.")
+        tensors.update({k: v.detach().to("cpu").contiguous() for k, v in part_tensors.items()})
+        metadata.update(part_metadata)
+    if parts:
+        metadata["parts"] = json.dumps(parts)
     if extra_tensors:
         for key, value in extra_tensors.items():
             if key in tensors:
@@ -201,6 +236,7 @@ class AdapterFile:
             self.configs = {c: AdapterConfig.from_dict(json.loads(self.metadata[f"config.{c}"])) for c in self.components}
             self.modules = {c: json.loads(self.metadata[f"modules.{c}"]) for c in self.components}
             self.fingerprints = {c: self.metadata[f"fingerprint.{c}"] for c in self.components}
+            self.parts: list[str] = json.loads(self.metadata.get("parts", "[]"))
             # Optional per-module configurations (converted files whose layers differ, e.g.
             # in block size); modules not listed use the component's config.
             self.module_configs: dict[str, dict[str, AdapterConfig]] = {
@@ -210,6 +246,9 @@ class AdapterFile:
             }
         except (KeyError, ValueError, TypeError) as err:
             raise AdapterFileError(f"{self.path}: damaged metadata ({err})") from None
+        unknown = [p for p in self.parts if p not in FILE_PARTS]
+        if unknown:
+            raise AdapterFileError(f"{self.path}: holds parts {unknown} that this version of ortho-diffusion cannot read")
 
     def config_for(self, component: str, module: str) -> AdapterConfig:
         """The configuration of one adapted module."""
@@ -226,10 +265,17 @@ class AdapterFile:
             out.setdefault(path, {})[tensor] = value
         return out
 
+    def part_tensors(self, part: str) -> dict[str, torch.Tensor]:
+        """``{name: tensor}`` of one further part (``"<part>/<name>"`` keys, prefix removed)."""
+        prefix = f"{part}/"
+        return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
 
 def _match_components(file: AdapterFile, x: Any) -> dict[str, nn.Module]:
     """Map the file's components to the modules of ``x`` they load into."""
     comps = components(x)
+    if not file.components:  # a file holding only further parts (e.g. a control encoder)
+        return {}
     if is_pipeline(x):
         missing = [c for c in file.components if c not in comps]
         if missing:
@@ -294,13 +340,15 @@ def _check_component(file: AdapterFile, comp: str, module: nn.Module, adapter_na
                 raise AdapterFileError(f"{file.path}: module {comp}.{path}: tensor {k} holds NaN or inf")
 
 
-def open_adapter(path: str | os.PathLike, x: Any = None) -> AdapterFile:
+def open_adapter(path: str | os.PathLike | AdapterFile, x: Any = None) -> AdapterFile:
     """Read a native file, or convert a peft folder or a LyCORIS file, to an :class:`AdapterFile`.
 
     ``x`` (the module or pipeline it will load into) is needed for LyCORIS files, whose
     keys flatten module paths (dots become underscores) and can only be resolved against
     a model.
     """
+    if isinstance(path, AdapterFile):
+        return path
     path = Path(path)
     if path.is_dir():
         from .peft import read_peft
@@ -359,10 +407,12 @@ def load_adapter(
         ``x``.
     """
     file = open_adapter(path, x)
-    name = adapter_name or default_adapter_name(path)
+    name = adapter_name or default_adapter_name(file.path)
     targets = _match_components(file, x)
     for comp, module in targets.items():
         _check_component(file, comp, module, name)
+    for part in file.parts:
+        _part_handler(part).check(file, x, name)
     for comp, module in targets.items():
         tensors = file.component_tensors(comp)
         groups: dict[str, list[str]] = {}  # modules sharing one configuration attach together
@@ -377,6 +427,8 @@ def load_adapter(
                 for key, param in _adapter_tensors(layer, name).items():
                     param.copy_(tensors[p][key].to(param.dtype))
                 layer.configs[name] = config  # keep the user's targets, not the exact paths
+    for part in file.parts:
+        _part_handler(part).load(file, x, name)
     set_scale(x, scale, adapter_name=name)
     return x
 
@@ -404,5 +456,7 @@ def restore_adapter_values(x: Any, path: str | os.PathLike, adapter_name: str) -
             if set(params) != set(tensors) or any(params[k].shape != tensors[k].shape for k in params):
                 raise AdapterFileError(f"{file.path}: {comp}.{mod_path}: tensors do not fit adapter {adapter_name!r}")
             plan += [(params[k], tensors[k]) for k in params]
+    for part in file.parts:
+        plan += _part_handler(part).restore_plan(file, x, adapter_name)
     for param, value in plan:
         param.copy_(value.to(param.dtype))
