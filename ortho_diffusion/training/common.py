@@ -71,14 +71,20 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--report_to", type=str, default="tensorboard", help='"tensorboard" (when installed) or "none"')
 
 
-def add_adapter_args(parser: argparse.ArgumentParser, unet_targets: str = "unet-attn") -> None:
-    """Flags of the orthogonal adapter (see :class:`~ortho_diffusion.config.AdapterConfig`)."""
+def add_adapter_args(
+    parser: argparse.ArgumentParser, unet_targets: str = "unet-attn", extra_methods: tuple[str, ...] = ()
+) -> None:
+    """Flags of the orthogonal adapter (see :class:`~ortho_diffusion.config.AdapterConfig`).
+
+    ``extra_methods``: further ``--method`` choices a script handles itself (e.g. ``none``:
+    no rotations, for a control encoder trained alone).
+    """
     g = parser.add_argument_group("adapter")
     g.add_argument(
         "--method",
         type=str,
         default="oft",
-        choices=["oft", "oftv2", "boft", "goft", "qgoft", "lora"],
+        choices=["oft", "oftv2", "boft", "goft", "qgoft", "lora", *extra_methods],
         help="orthogonal method, or lora: peft's LoRA as a baseline for comparisons",
     )
     g.add_argument("--block_size", type=int, default=None)
@@ -102,9 +108,10 @@ def _targets(value: str) -> str | list[str]:
 def adapter_configs(args: argparse.Namespace) -> tuple[AdapterConfig | None, AdapterConfig | None]:
     """UNet and (with ``--train_text_encoder``) text-encoder configs from parsed flags.
 
-    ``(None, None)`` for ``--method lora`` (the peft baseline has no orthogonal config).
+    ``(None, None)`` for ``--method lora`` (the peft baseline has no orthogonal config) and
+    ``--method none`` (no rotations).
     """
-    if args.method == "lora":
+    if args.method in ("lora", "none"):
         return None, None
     common = dict(
         method=args.method,
