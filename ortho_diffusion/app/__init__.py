@@ -12,6 +12,7 @@ folder), ``jobs`` (training subprocesses), ``uploads`` (checks on uploaded files
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 from .actions import AppConfig, AppContext
@@ -39,6 +40,11 @@ def launch(config: AppConfig, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
     from .ui import CSS
 
     demo, context = create_app(config)
+
+    def terminate(signum, frame):  # SIGTERM ends the app like Ctrl-C: atexit then stops any job
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
     demo.launch(
         server_name=host,
         server_port=port,

@@ -26,7 +26,8 @@ from .state import GenerateRequest, GenerationError, ModelState
 from .uploads import UploadError, copy_folder_upload, extract_zip, open_checked_image, save_images
 
 #: Exceptions whose message is meant for the user (anything else is a bug, logged in full).
-USER_ERRORS = (GenerationError, LibraryError, UploadError, JobError, NotAvailableError)
+USER_ERRORS = (GenerationError, LibraryError, UploadError, JobError, NotAvailableError,
+               *integrations.user_error_types())
 
 METHOD_HELP = {
     "oft": "**OFT**: block-diagonal rotations (exact Cayley transform). The reference method and a good default.",
@@ -258,6 +259,14 @@ class AppContext:
         name = self._check_new_name(name)
         flags_adapter = self._adapter_flags(settings)
         run = self._new_run_dir(name)
+        try:
+            return self._start_subject(script, name, run, source, files, builtin, token, class_word, flags_adapter, prior)
+        except BaseException:
+            shutil.rmtree(run, ignore_errors=True)  # a refused run leaves nothing behind
+            raise
+
+    def _start_subject(self, script: Path, name: str, run: Path, source: str, files: list[str] | None,
+                       builtin: str | None, token: str, class_word: str, flags_adapter: list[str], prior: bool) -> Job:
         if source == "builtin":
             subject = next((s for s in integrations.builtin_subjects() if s.name == builtin), None)
             if subject is None:
@@ -303,25 +312,29 @@ class AppContext:
         name = self._check_new_name(name)
         if control_type not in CONTROL_TYPES:
             raise UploadError(f"unknown control type {control_type!r}; choose one of {', '.join(CONTROL_TYPES)}")
+        adapter_flags = self._adapter_flags(settings)
         run = self._new_run_dir(name)
-        flags = ["--pretrained_model_name_or_path", str(self.state.model_path), "--output_dir", str(run),
-                 *self._adapter_flags(settings)]
+        flags = ["--pretrained_model_name_or_path", str(self.state.model_path), "--output_dir", str(run), *adapter_flags]
         kind = CONTROL_TYPES[control_type]
-        if source == "builtin":
-            flags += ["--task", f"shapes-{kind}"]
-        else:
-            data = run / "data"
-            if source == "zip":
-                if not archive:
-                    raise UploadError("no zip archive was uploaded")
-                extract_zip(archive, data)
+        try:
+            if source == "builtin":
+                flags += ["--task", f"shapes-{kind}"]
             else:
-                copy_folder_upload(folder_files or [], data)
-            flags += ["--train_data_dir", str(data), "--control_type", kind]
-        if known:  # drop flags this version of the script does not have, rather than fail
-            flags = _keep_known(flags, known)
-        argv, display = launch_command(script, flags)
-        return self.jobs.start("control", name, run, argv, display)
+                data = run / "data"
+                if source == "zip":
+                    if not archive:
+                        raise UploadError("no zip archive was uploaded")
+                    extract_zip(archive, data)
+                else:
+                    copy_folder_upload(folder_files or [], data)
+                flags += ["--train_data_dir", str(data), "--control_type", kind]
+            if known:  # drop flags this version of the script does not have, rather than fail
+                flags = _keep_known(flags, known)
+            argv, display = launch_command(script, flags)
+            return self.jobs.start("control", name, run, argv, display)
+        except BaseException:
+            shutil.rmtree(run, ignore_errors=True)  # a refused run leaves nothing behind
+            raise
 
     def stop(self) -> str:
         """Stop the running job (its last checkpoint is kept as an adapter)."""
@@ -344,14 +357,18 @@ class AppContext:
         """A copy of the adapter file to download."""
         return self.library.download_copy(name, Path(tempfile.mkdtemp(dir=self.tmp)))
 
-    def export(self, name: str, fmt: str) -> Path:
-        """The adapter in another tool's format (one file; folders are zipped)."""
+    def export(self, name: str, fmt: str, scale: float = 1.0) -> Path:
+        """The adapter in another tool's format at strength ``scale`` (one file; folders are zipped)."""
         info = self.library.get(name)
+        if not 0.0 <= float(scale) <= self.state.limits.max_t:
+            raise GenerationError(f"the exported strength must be between 0 and {self.state.limits.max_t}")
         folder = Path(tempfile.mkdtemp(dir=self.tmp))
-        out = integrations.export(info.path, fmt, folder / f"{info.name}-{fmt}")
-        if out.is_dir():
-            return Path(shutil.make_archive(str(out), "zip", root_dir=out))
-        return out
+        out = folder / (f"{info.name}-{fmt}.safetensors" if fmt == "lycoris" else f"{info.name}-{fmt}")
+        paths = integrations.export(info.path, fmt, out, base=self.state.model_path, scale=float(scale))
+        if len(paths) == 1 and paths[0].is_file():
+            return paths[0]
+        # Folders (peft, merged) travel as one zip.
+        return Path(shutil.make_archive(str(out), "zip", root_dir=out if out.is_dir() else folder))
 
     def import_file(self, path: str | None, name: str) -> str:
         """Add an uploaded adapter file (refused if it was made for another base model)."""

@@ -9,6 +9,7 @@ place, so that wiring a newly landed module into the app is a matter of a few li
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,7 +116,7 @@ def control_training_flags() -> set[str]:
 
 # -------------------------------------------------------------------- control
 def _builtin_canny(image: np.ndarray) -> np.ndarray:
-    # The shapes world's own edge map, so the app's Canny matches the training ground truth.
+    # The shapes world's own edge map (OpenCV, thresholds 100/200 as controlnet-aux's default).
     from ..shapes.groundtruth import canny_map
 
     return canny_map(image)
@@ -131,8 +132,9 @@ PREPROCESSOR_NAMES = ("Canny edges", "Face landmarks", "Segmentation map (as giv
 def preprocessors() -> dict[str, Callable[[np.ndarray], np.ndarray] | None]:
     """Preprocessor name -> ``(H, W, 3) uint8 -> (H, W, 3) uint8``, or ``None`` if missing.
 
-    The control package's own preprocessors win (training and inference then agree); the
-    built-in fallbacks cover what needs no extra model.
+    The control package's own preprocessors win (training and inference then agree: Canny
+    and face landmarks from controlnet-aux, segmentation maps checked against the palette);
+    the fallbacks cover what needs no extra package.
     """
     found: dict[str, Callable | None] = {
         "Canny edges": _builtin_canny,
@@ -141,30 +143,33 @@ def preprocessors() -> dict[str, Callable[[np.ndarray], np.ndarray] | None]:
         "Control map (as given)": _as_given,
     }
     try:
-        control = importlib.import_module("ortho_diffusion.control")
+        pre = importlib.import_module("ortho_diffusion.control.preprocess")
     except ImportError:
         return found
-    table = getattr(control, "PREPROCESSORS", None)
-    if isinstance(table, dict):
-        aliases = {"canny": "Canny edges", "face": "Face landmarks", "landmarks": "Face landmarks",
-                   "face_landmarks": "Face landmarks", "segmentation": "Segmentation map (as given)",
-                   "seg": "Segmentation map (as given)"}
-        for key, fn in table.items():
-            label = aliases.get(str(key).lower())
-            if label and callable(fn):
-                found[label] = fn
-    for attr, label in (("canny", "Canny edges"), ("face_landmarks", "Face landmarks")):
-        fn = getattr(control, attr, None)
-        if callable(fn) and found.get(label) in (None, _builtin_canny):
-            found[label] = fn
+
+    def canny(image: np.ndarray) -> np.ndarray:
+        try:
+            return np.asarray(pre.canny(image))
+        except pre.PreprocessError:
+            if importlib.util.find_spec("controlnet_aux") is None:
+                return _builtin_canny(image)  # same detector family and thresholds, from OpenCV
+            raise
+
+    def segmentation(image: np.ndarray) -> np.ndarray:
+        pre.check_segmentation_map(image)  # a photo given by mistake gets a clear message
+        return image
+
+    found["Canny edges"] = canny
+    found["Face landmarks"] = lambda image: np.asarray(pre.face_landmarks(image))
+    found["Segmentation map (as given)"] = segmentation
     return found
 
 
 def preprocess(name: str, image: np.ndarray) -> np.ndarray:
     """Run preprocessor ``name`` on an RGB uint8 image; a missing one raises NotAvailableError."""
-    fn = preprocessors().get(name)
     if name not in PREPROCESSOR_NAMES:
         raise NotAvailableError(f"unknown preprocessor {name!r}; choose one of {', '.join(PREPROCESSOR_NAMES)}")
+    fn = preprocessors().get(name)
     if fn is None:
         raise NotAvailableError(f"the {name} preprocessor is not available in this version yet")
     out = np.asarray(fn(image))
@@ -183,12 +188,18 @@ def export_formats() -> list[str]:
 
     if not callable(getattr(od, "export", None)):
         return []
-    formats = getattr(od, "EXPORT_FORMATS", None)
-    return list(formats) if formats else list(DEFAULT_EXPORT_FORMATS)
+    try:
+        from ..formats.export import FORMATS
+    except ImportError:
+        return list(DEFAULT_EXPORT_FORMATS)
+    return list(FORMATS)
 
 
-def export(adapter_path: Path, fmt: str, out: Path) -> Path:
-    """``od.export(adapter_path, fmt, out)``; :class:`NotAvailableError` until it exists."""
+def export(adapter_path: Path, fmt: str, out: Path, base: Path, scale: float = 1.0) -> list[Path]:
+    """``od.export(adapter_path, fmt, out, base=..., scale=...)``; the paths it wrote.
+
+    Raises :class:`NotAvailableError` until the exporter exists.
+    """
     import ortho_diffusion as od
 
     fn = getattr(od, "export", None)
@@ -196,5 +207,18 @@ def export(adapter_path: Path, fmt: str, out: Path) -> Path:
         raise NotAvailableError("export (peft / LyCORIS / merged) is not available in this version yet")
     if fmt not in export_formats():
         raise NotAvailableError(f"unknown export format {fmt!r}; choose one of {', '.join(export_formats())}")
-    result = fn(str(adapter_path), fmt, str(out))
-    return Path(result) if isinstance(result, (str, Path)) else out
+    report = fn(str(adapter_path), fmt, str(out), base=str(base), scale=float(scale))
+    paths = getattr(report, "paths", None) or [out]
+    return [Path(p) for p in paths]
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors of other modules whose messages are written for users (shown as they are)."""
+    found: list[type[BaseException]] = []
+    for module, name in (("ortho_diffusion.formats.convert", "ExportError"),
+                         ("ortho_diffusion.training.images", "DataError")):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)

@@ -126,9 +126,15 @@ def read_info(path: Path, name: str, builtin: bool) -> AdapterInfo:
     except (KeyError, ValueError, TypeError) as err:
         raise AdapterFileError(f"{path}: damaged metadata ({err})") from None
     first = configs[comps[0]] if comps else {}
+    try:
+        parts = list(json.loads(meta.get("parts", "[]")))
+    except ValueError:
+        parts = []
+    # A control adapter carries a control encoder as a file part beside its rotations.
+    task = meta.get("task") or ("control" if "control" in parts else "subject")
     n_params = 0
     for key, shape in shapes.items():
-        if key.split("/", 1)[0] in comps:  # adapter tensors only, not extra payloads
+        if key.split("/", 1)[0] in comps + parts:  # adapter tensors and file parts
             count = 1
             for s in shape:
                 count *= int(s)
@@ -140,7 +146,7 @@ def read_info(path: Path, name: str, builtin: bool) -> AdapterInfo:
         path=path,
         builtin=builtin,
         method=str(first.get("method", "?")),
-        task=meta.get("task", "subject") or "subject",
+        task=task,
         components=comps,
         parameters=n_params,
         n_factors=int(first.get("n_factors", 1) or 1),

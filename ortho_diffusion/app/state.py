@@ -194,11 +194,13 @@ class ModelState:
             height=int(req.height),
             generator=torch.Generator().manual_seed(int(req.seed)),
         )
-        if any(i.is_control for i in infos):
+        controls = [i.name for i in infos if i.is_control]
+        if controls:
             if req.control_image is None:
                 raise GenerationError("a control adapter is selected: upload a control image (and pick its preprocessor)")
             control = Image.fromarray(req.control_image).convert("RGB").resize((int(req.width), int(req.height)))
-            kwargs.update(image=control, control_scale=float(req.control_scale))
+            # Keyed by adapter: control encoders attached but not selected get no image.
+            kwargs.update(image={name: control for name in controls}, control_scale=float(req.control_scale))
         return kwargs
 
     def _run(self, kwargs: dict[str, Any], on_latents=None) -> Image.Image:

@@ -27,6 +27,7 @@ from . import integrations
 from .actions import CONTROL_TYPES, METHOD_HELP, PRESETS, USER_ERRORS, AppContext, TrainSettings
 from .jobs import Job
 from .library import TABLE_HEADERS, describe
+from .uploads import UploadError, open_checked_image
 
 log = logging.getLogger("ortho_diffusion.app")
 
@@ -36,6 +37,24 @@ CSS = """
 .od-progress > div {height: 100%; background: var(--color-accent); transition: width .4s;}
 .od-note {font-size: 0.9em; opacity: 0.85;}
 """
+
+
+class CheckedImage(gr.Image):
+    """``gr.Image`` whose uploads are checked by the app before Gradio decodes them.
+
+    A non-image or an oversized image then gets the same short message as everywhere else in
+    the app instead of Gradio's generic preprocessing error.
+    """
+
+    is_template = True  # rendered by the frontend as a plain Image
+
+    def preprocess(self, payload):
+        if payload is not None and getattr(payload, "path", None):
+            try:
+                open_checked_image(payload.path, name=getattr(payload, "orig_name", None))
+            except UploadError as err:
+                raise gr.Error(str(err), print_exception=False) from None
+        return super().preprocess(payload)
 
 
 def _message(err: BaseException) -> str:
@@ -217,7 +236,8 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
                                                       step=1, label="Active factors k")
                         with gr.Accordion("Control image (for control adapters)", open=False):
                             with gr.Row():
-                                control_file = gr.Image(type="filepath", label="Control image", sources=["upload", "clipboard"])
+                                control_file = CheckedImage(type="filepath", format="png", label="Control image",
+                                                            sources=["upload", "clipboard"])
                                 control_preview = gr.Image(label="Control map (what the adapter sees)", interactive=False,
                                                            format="png")
                             preprocessor = gr.Radio(
@@ -302,7 +322,8 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
                 a_message = gr.Markdown("")
                 with gr.Row():
                     with gr.Column(scale=4):
-                        a_selected = gr.Dropdown([i.name for i in ctx.adapters()], label="Selected adapter", value=None)
+                        a_selected = gr.Dropdown([i.name for i in ctx.adapters()], label="Selected adapter", value=None,
+                                                 allow_custom_value=True)  # API callers name adapters made later
                         a_details = gr.JSON(label="Metadata")
                     with gr.Column(scale=4):
                         with gr.Row():
@@ -317,6 +338,8 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
                             a_export_fmt = gr.Radio(export_formats or list(integrations.DEFAULT_EXPORT_FORMATS),
                                                     value=(export_formats or ["peft"])[0], label="Export format",
                                                     interactive=bool(export_formats))
+                            a_export_scale = gr.Number(label="Strength t baked in", value=1.0, minimum=0.0,
+                                                       maximum=lim.max_t, interactive=bool(export_formats))
                             a_export = gr.Button("Export", interactive=bool(export_formats))
                         if not export_formats:
                             gr.Markdown("Export to peft / LyCORIS / merged models is not available in this version yet.",
@@ -531,12 +554,12 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
         a_download.click(download, a_selected, a_file, api_name="download_adapter")
 
         @user_errors
-        def export(name, fmt):
+        def export(name, fmt, scale):
             if not name:
                 raise gr.Error("Select an adapter first.")
-            return str(ctx.export(name, fmt))
+            return str(ctx.export(name, fmt, float(scale if scale is not None else 1.0)))
 
-        a_export.click(export, [a_selected, a_export_fmt], a_file, api_name="export_adapter")
+        a_export.click(export, [a_selected, a_export_fmt, a_export_scale], a_file, api_name="export_adapter")
 
         @user_errors
         def import_adapter(path, name, current):

@@ -34,9 +34,12 @@ def display_name(path: str | Path) -> str:
     return Path(path).name
 
 
-def open_checked_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open ``path`` as an RGB image, refusing non-images and images over ``max_pixels``."""
-    name = display_name(path)
+def open_checked_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None) -> Image.Image:
+    """Open ``path`` as an RGB image, refusing non-images and images over ``max_pixels``.
+
+    ``name`` is how the user knows the file (default: its base name) for messages.
+    """
+    name = name or display_name(path)
     try:
         with Image.open(path) as img:
             # The header is read, the pixels are not yet: refuse decompression bombs here.
