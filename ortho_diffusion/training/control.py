@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one prompt per validation image, or one for all (default: their captions)")
     add_adapter_args(p, extra_methods=("none",))
     p.add_argument("--lora_rank", type=int, default=4, help="rank of the --method lora baseline (peft)")
+    p.add_argument("--init_adapter", type=str, default=None,
+                   help="start from the values of this control adapter file (same method and settings)")
     return p
 
 
@@ -321,6 +323,14 @@ def train(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
                 restore_adapter_values(pipe, path, ADAPTER_NAME)
         except AdapterFileError as err:
             raise TrainingError(f"cannot resume: {err}") from None
+
+    if args.init_adapter and not args.resume_from_checkpoint:
+        if args.method == "lora":
+            raise TrainingError("--init_adapter is for orthogonal or encoder-only adapters")
+        try:
+            restore_adapter_values(pipe, args.init_adapter, ADAPTER_NAME)
+        except AdapterFileError as err:
+            raise TrainingError(f"--init_adapter: {err}") from None
 
     trained = [pipe.unet] + ([] if text_frozen else [pipe.text_encoder])
     result = train_loop(args, accelerator, params, compute_loss, write_adapter, restore, validate, trained)

@@ -1,0 +1,324 @@
+#!/usr/bin/env python
+"""Control benchmark on the shapes world (the OFT paper's protocol, at 64x64).
+
+    .venv/bin/python benchmarks/control_benchmark.py                      # shipped adapters vs no control
+    .venv/bin/python benchmarks/control_benchmark.py --compare --compare_task landmarks --compare_steps 300
+
+For held-out scenes (seeds from ``--first_eval_seed``, never in the training data) it
+generates one image per scene from the scene's caption, once without control (the base
+model) and once with each control adapter and the scene's ground-truth control map, and
+measures:
+
+* Canny: IoU and F1 between the Canny map of the generated image and the control map;
+* segmentation: mIoU between the control's labels and those of the project's classical
+  segmenter (:func:`ortho_diffusion.control.metrics.segment_shapes`) on the generated image;
+* landmarks: mean L2 distance (pixels) between the control keypoints and the keypoints
+  detected on the generated image.
+
+``--compare`` trains, on one task with the same data, steps, batch and learning rate, the
+encoder alone, encoder + OFT, + BOFT, + OFTv2 and + peft LoRA, and reports the same metrics
+with trainable parameters and training time.  ``--interpolation`` draws one control prompt
+at strengths t = 0, 0.2, ..., 1 for each shipped adapter (and, with ``--compare``, BOFT
+factor by factor).
+
+Writes ``<results>/control.json`` and ``control.md`` (and ``control_interpolation.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import ortho_diffusion as od  # noqa: E402
+from ortho_diffusion import shapes  # noqa: E402
+from ortho_diffusion.control import metrics  # noqa: E402
+from ortho_diffusion.control.pipeline import enable_control  # noqa: E402
+from ortho_diffusion.control.preprocess import TASKS, shapes_control  # noqa: E402
+from ortho_diffusion.diffusion import load_pipeline  # noqa: E402
+from ortho_diffusion.training.common import atomic_write_bytes, atomic_write_json, image_grid, save_image_atomic, to_pil  # noqa: E402
+
+TARGETS = {"canny": ("canny_f1", ">=", 0.5), "segmentation": ("miou", ">=", 0.7), "landmarks": ("landmark_error_px", "<=", 3.0)}
+
+
+def eval_scenes(n: int, first_seed: int) -> list:
+    return [shapes.scene_from_seed(first_seed + i) for i in range(n)]
+
+
+@torch.no_grad()
+def generate(pipe, prompts, hints, seeds, steps, guidance, batch=32):
+    """Images (uint8 arrays) for prompts, with control images ``hints`` (N, 3, 64, 64) or without (None)."""
+    out = []
+    for i in range(0, len(prompts), batch):
+        sl = slice(i, i + batch)
+        kw = dict(num_inference_steps=steps, guidance_scale=guidance, height=64, width=64,
+                  generator=[torch.Generator().manual_seed(s) for s in seeds[sl]])
+        if hints is not None:
+            kw["image"] = hints[sl]
+        out += [np.asarray(img) for img in to_pil(pipe(prompts[sl], **kw).images)]
+    return out
+
+
+def control_tensor(maps: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(maps)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def score(task: str, images: list[np.ndarray], scenes: list) -> dict:
+    """The task's metrics of generated images against the scenes' ground truth."""
+    gts = [shapes.ground_truth(s) for s in scenes]
+    if task == "canny":
+        pairs = [metrics.canny_scores(img, gt.canny) for img, gt in zip(images, gts)]
+        return {"canny_iou": float(np.mean([p[0] for p in pairs])), "canny_f1": float(np.mean([p[1] for p in pairs]))}
+    if task == "segmentation":
+        miou = metrics.MeanIoU()
+        for img, gt in zip(images, gts):
+            miou.add(metrics.segment_shapes(img), gt.labels)
+        return {"miou": miou.value()}
+    errors = [metrics.landmark_error(gt.keypoints, img) for img, gt in zip(images, gts)]
+    return {"landmark_error_px": float(np.mean(errors)), "landmark_error_median_px": float(np.median(errors))}
+
+
+def meets(task: str, values: dict) -> bool:
+    key, op, target = TARGETS[task]
+    return values[key] >= target if op == ">=" else values[key] <= target
+
+
+def evaluate_adapter(model: Path, adapter: Path | None, task: str, scenes, args, pipe=None) -> tuple[dict, list]:
+    """Generate for every scene (with control when ``adapter`` or ``pipe`` has one) and score."""
+    if pipe is None:
+        pipe = load_pipeline(model)
+        if adapter is not None:
+            od.load_adapter(pipe, adapter)
+    prompts = [shapes.caption(s) for s in scenes]
+    seeds = [args.first_eval_seed + i for i in range(len(scenes))]
+    hints = None
+    if adapter is not None or pipe.__class__.__name__.endswith("ControlPipeline"):
+        hints = control_tensor([shapes_control(s, task) for s in scenes])
+    images = generate(pipe, prompts, hints, seeds, args.sample_steps, args.guidance_scale)
+    return score(task, images, scenes), images
+
+
+def fmt(task: str, values: dict) -> str:
+    if task == "canny":
+        return f"IoU {values['canny_iou']:.3f} / F1 {values['canny_f1']:.3f}"
+    if task == "segmentation":
+        return f"mIoU {values['miou']:.3f}"
+    return f"{values['landmark_error_px']:.2f} px (median {values['landmark_error_median_px']:.2f})"
+
+
+def shipped(args, model: Path, scenes) -> tuple[list[dict], dict]:
+    rows, samples = [], {}
+    for task in args.tasks:
+        adapter = Path(args.adapters) / f"{task}.safetensors"
+        t0 = time.time()
+        base, base_images = evaluate_adapter(model, None, task, scenes, args)
+        row = {"task": task, "no_control": base, "eval_scenes": len(scenes)}
+        if adapter.is_file():
+            ctl, ctl_images = evaluate_adapter(model, adapter, task, scenes, args)
+            pipe = load_pipeline(model)
+            od.load_adapter(pipe, adapter)
+            row.update(adapter=str(adapter.relative_to(ROOT) if adapter.is_relative_to(ROOT) else adapter),
+                       control=ctl, meets_target=meets(task, ctl),
+                       trainable_parameters=od.summary(pipe).total, file_kib=round(adapter.stat().st_size / 1024, 1))
+            summary_file = adapter.with_suffix(".json")
+            if summary_file.is_file():
+                info = json.loads(summary_file.read_text())
+                row.update(training_steps=info.get("steps"), training_seconds=info.get("wall_time_seconds"),
+                           method=info.get("method"))
+            samples[task] = (base_images[:6], ctl_images[:6])
+        else:
+            row["control"] = None
+            print(f"[{task}] no shipped adapter at {adapter}", flush=True)
+        row["seconds"] = round(time.time() - t0, 1)
+        rows.append(row)
+        print(f"[{task}] no control: {fmt(task, base)}" + (f"; control: {fmt(task, row['control'])}" if row.get("control") else ""),
+              flush=True)
+    return rows, samples
+
+
+def compare(args, model: Path, scenes, work: Path) -> tuple[list[dict], dict]:
+    """Train every variant on one task with identical settings; evaluate on the held-out scenes."""
+    from ortho_diffusion.control.data import write_shapes_dataset
+    from ortho_diffusion.training.control import build_parser, train
+
+    task = args.compare_task
+    data = work / f"data-{task}"
+    if not (data / "metadata.jsonl").is_file():
+        write_shapes_dataset(data, task, args.compare_rows)
+    rows, pipes = [], {}
+    for method in args.compare_methods:
+        out = work / f"{task}-{method}"
+        argv = [
+            "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
+            "--method", method, "--max_train_steps", str(args.compare_steps), "--train_batch_size", str(args.batch),
+            "--learning_rate", str(args.learning_rate), "--control_task", task, "--control_channels", args.control_channels,
+            "--checkpointing_steps", "0", "--validation_steps", "0", "--num_validation_images", "2",
+            "--sample_steps", str(args.sample_steps), "--report_to", "none", "--proportion_empty_prompts", "0.1",
+            "--seed", "0",
+        ]
+        if method in ("oft", "oftv2", "boft"):
+            argv += ["--block_size", str(args.block_size)]
+        if method == "boft":
+            argv += ["--n_factors", "2"]
+        if method == "lora":
+            argv += ["--lora_rank", str(args.lora_rank)]
+        t0 = time.time()
+        pipe, summary = train(build_parser().parse_args(argv))
+        seconds = time.time() - t0
+        values, _ = evaluate_adapter(model, None, task, scenes, args, pipe=pipe)
+        rows.append({"task": task, "method": method, "values": values, "meets_target": meets(task, values),
+                     "trainable_parameters": summary["trainable_parameters"],
+                     "adapter_parameters": summary["adapter_parameters"],
+                     "encoder_parameters": summary["encoder_parameters"],
+                     "steps": summary["steps"], "training_seconds": round(summary["wall_time_seconds"], 1),
+                     "total_seconds": round(seconds, 1)})
+        print(f"[compare {task}] {method}: {fmt(task, values)}, {summary['trainable_parameters']:,} params, "
+              f"{summary['wall_time_seconds']:.0f} s", flush=True)
+        pipes[method] = pipe
+    return rows, pipes
+
+
+@torch.no_grad()
+def interpolation(args, model: Path, pipes: dict, out: Path) -> None:
+    """Rows: one control prompt at t = 0, 0.2, ..., 1 per shipped adapter; BOFT factor by factor."""
+    scene = shapes.scene_from_seed(args.first_eval_seed + 3)
+    prompt = shapes.caption(scene)
+    ts = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    cells, labels = [], []
+    for task in args.tasks:
+        adapter = Path(args.adapters) / f"{task}.safetensors"
+        if not adapter.is_file():
+            continue
+        pipe = load_pipeline(model)
+        od.load_adapter(pipe, adapter)
+        hint = control_tensor([shapes_control(scene, task)])
+        cells.append(Image.fromarray(shapes_control(scene, task)))
+        for t in ts:
+            od.set_scale(pipe, t)
+            cells += to_pil(pipe(prompt, image=hint, num_inference_steps=args.sample_steps, guidance_scale=args.guidance_scale,
+                                 generator=torch.Generator().manual_seed(0)).images)
+        labels.append(task)
+    boft = pipes.get("boft")
+    if boft is not None:
+        task = args.compare_task
+        hint = control_tensor([shapes_control(scene, task)])
+        cells.append(Image.fromarray(shapes_control(scene, task)))
+        # BOFT paper: switch the trained factors on one at a time (0, 1, 2 of 2), encoder at full strength.
+        for k in (0, 1, 2):
+            od.set_scale(boft, 1.0, n_active_factors=k)
+            cells += to_pil(boft(prompt, image=hint, num_inference_steps=args.sample_steps, guidance_scale=args.guidance_scale,
+                                 generator=torch.Generator().manual_seed(0)).images)
+        cells += [Image.new("RGB", (64, 64), "white")] * (len(ts) - 3)
+        labels.append(f"boft factors ({task})")
+    if cells:
+        grid = image_grid([c.resize((128, 128), Image.NEAREST) for c in cells], cols=len(ts) + 1)
+        save_image_atomic(grid, out / "control_interpolation.png")
+        atomic_write_json(out / "control_interpolation.json", {"prompt": prompt, "rows": labels, "columns": ["control"] + ts})
+
+
+def save_samples(samples: dict, out: Path) -> None:
+    cells = []
+    for task, (base, ctl) in samples.items():
+        cells += [Image.fromarray(a) for a in base] + [Image.fromarray(a) for a in ctl]
+    if cells:
+        grid = image_grid([c.resize((96, 96), Image.NEAREST) for c in cells], cols=len(next(iter(samples.values()))[0]))
+        save_image_atomic(grid, out / "control_samples.png")
+
+
+def markdown(result: dict) -> str:
+    lines = ["# Control benchmark (shapes world, 64x64)", "", f"Model: `{result['model']}`; {result['eval_scenes']} held-out "
+             f"scenes (seeds from {result['first_eval_seed']}); {result['sample_steps']} sampling steps, guidance "
+             f"{result['guidance_scale']}; {result['machine']}.", ""]
+    if result.get("shipped"):
+        lines += ["## Shipped adapters", "", "| task | metric | no control | with the control adapter | target | met | params | file |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in result["shipped"]:
+            key, op, target = TARGETS[r["task"]]
+            ctl = fmt(r["task"], r["control"]) if r.get("control") else "(no adapter)"
+            lines.append(f"| {r['task']} | {key} | {fmt(r['task'], r['no_control'])} | {ctl} | {op} {target} | "
+                         f"{'yes' if r.get('meets_target') else 'no'} | {r.get('trainable_parameters', '-'):,} | "
+                         f"{r.get('file_kib', '-')} KiB |")
+        lines.append("")
+    if result.get("compare"):
+        task = result["compare"][0]["task"]
+        lines += [f"## Methods compared on {task} (same data, steps, batch, learning rate)", "",
+                  "| method | result | trainable params (encoder + adapter) | training time |", "|---|---|---|---|"]
+        for r in result["compare"]:
+            lines.append(f"| {r['method']} | {fmt(task, r['values'])} | {r['trainable_parameters']:,} "
+                         f"({r['encoder_parameters']:,} + {r['adapter_parameters']:,}) | {r['training_seconds']:.0f} s |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="pipeline folder (default: the embedded shapes model)")
+    p.add_argument("--adapters", default=str(ROOT / "assets" / "control"), help="folder of <task>.safetensors")
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--eval_scenes", type=int, default=96)
+    p.add_argument("--first_eval_seed", type=int, default=900_000)
+    p.add_argument("--sample_steps", type=int, default=25)
+    p.add_argument("--guidance_scale", type=float, default=5.0)
+    p.add_argument("--no_shipped", action="store_true", help="skip the shipped adapters")
+    p.add_argument("--compare", action="store_true")
+    p.add_argument("--compare_task", default="landmarks", choices=TASKS)
+    p.add_argument("--compare_methods", default="none,oft,boft,oftv2,lora")
+    p.add_argument("--compare_steps", type=int, default=300)
+    p.add_argument("--compare_rows", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--block_size", type=int, default=8)
+    p.add_argument("--lora_rank", type=int, default=4)
+    p.add_argument("--control_channels", default="16,32,64,128")
+    p.add_argument("--interpolation", action="store_true")
+    p.add_argument("--work_dir", default=str(ROOT / "runs" / "control_benchmark"))
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    args = p.parse_args(argv)
+    args.tasks = [t for t in args.tasks.split(",") if t]
+    args.compare_methods = [m for m in args.compare_methods.split(",") if m]
+    if args.model is None:
+        from ortho_diffusion.default_model import default_model_path
+
+        model = default_model_path()
+    else:
+        model = Path(args.model)
+    torch.manual_seed(0)
+    out = Path(args.results)
+    scenes = eval_scenes(args.eval_scenes, args.first_eval_seed)
+    result = {
+        "model": str(model.relative_to(ROOT) if model.resolve().is_relative_to(ROOT) else model),
+        "eval_scenes": len(scenes), "first_eval_seed": args.first_eval_seed, "sample_steps": args.sample_steps,
+        "guidance_scale": args.guidance_scale, "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "targets": TARGETS,
+    }
+    samples: dict = {}
+    if not args.no_shipped:
+        result["shipped"], samples = shipped(args, model, scenes)
+    pipes: dict = {}
+    if args.compare:
+        result["compare"], pipes = compare(args, model, scenes, Path(args.work_dir))
+    if args.interpolation:
+        interpolation(args, model, pipes, out)
+    name = "control" if not args.no_shipped else "control_compare"
+    atomic_write_json(out / f"{name}.json", result)
+    atomic_write_bytes(out / f"{name}.md", markdown(result).encode())
+    save_samples(samples, out)
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
