@@ -258,3 +258,39 @@ def test_stop_kills_the_job_keeps_the_checkpoint_and_generation_stays_usable(cli
     assert "long-run" not in adapter_names(client)
     generate(client, [kept])
     job.result(timeout=30)  # the streaming call ends with the job
+
+
+def test_train_control_from_a_zip_then_generate_with_a_control_image(client, server, tmp_path):
+    import zipfile
+
+    from ortho_diffusion.control.data import write_shapes_dataset
+
+    write_shapes_dataset(tmp_path / "pairs", "canny", 4)
+    archive = tmp_path / "pairs.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted((tmp_path / "pairs").rglob("*")):
+            if f.is_file():
+                zf.write(f, Path("pairs") / f.relative_to(tmp_path / "pairs"))
+    # name, source, zip, folder, control type, method, preset, steps, lr, batch, block, factors,
+    # text encoder, checkpoint every, previews every, seed
+    outputs = client.predict("edges", "zip", handle_file(str(archive)), None, "Canny edges", "oft", "Standard", 3,
+                             1e-3, 2, 0, 2, False, 3, 3, 0, api_name="/train_control")
+    job = outputs[-1]
+    assert job["state"] == "finished", job
+    assert "training/train_control.py" in job["command"] and "--control_task canny" in job["command"]
+    _, table, _ = client.predict(None, None, api_name="/list_adapters")
+    row = next(r for r in table["data"] if r[0] == "edges")
+    assert row[1] == "canny control"
+    with pytest.raises(AppError, match="upload a control image"):
+        generate(client, ["edges"])
+    control = tmp_path / "control.png"
+    Image.open(tmp_path / "pairs" / "images" / "000000.png").save(control)
+    preview = client.predict(handle_file(str(control)), "Canny edges", 32, 32, api_name="/preview_control")
+    edges = np.asarray(Image.open(preview).convert("RGB"))
+    assert edges.shape == (32, 32, 3) and set(np.unique(edges)) <= {0, 255} and edges.max() == 255
+    base, _ = generate(client)
+    zero, _ = generate(client, ["edges"], t=0.0, control=handle_file(str(control)))
+    one, status = generate(client, ["edges"], t=1.0, control=handle_file(str(control)))
+    assert "control strength" in status
+    assert np.array_equal(base, zero)
+    assert not np.array_equal(base, one)

@@ -43,10 +43,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "Quick try": dict(steps=150, lr=2e-3, batch=4, prior=False,
                       help="150 steps at a high learning rate: a first result in minutes; details may be rough."),
     "Standard": dict(steps=400, lr=1e-3, batch=4, prior=False,
-                     help="The training script's defaults: usually enough for a simple subject."),
+                     help="The training script's defaults: a sound start for a simple subject or control."),
     "Careful": dict(steps=800, lr=5e-4, batch=4, prior=True,
-                    help="Slower and gentler, with prior preservation (class images are generated first): "
-                    "the model keeps what it knew about the class."),
+                    help="Slower and gentler; for a subject also prior preservation (class images are generated "
+                    "first), so the model keeps what it knew about the class."),
 }
 
 CONTROL_TYPES = {"Canny edges": "canny", "Face landmarks": "landmarks", "Segmentation map": "segmentation"}
@@ -62,6 +62,7 @@ class AppConfig:
     data_dir: Path
     model_label: str = ""
     max_upload_mb: int = 100
+    shapes_rows: int = 1000  # rows of the built-in shapes-world control datasets
     builtin_adapter_dirs: list[Path] = field(default_factory=lambda: [integrations.ASSETS])
 
 
@@ -178,7 +179,7 @@ class AppContext:
     def generate(self, req: GenerateRequest, stream: bool = True) -> Iterator[tuple[Image.Image, str]]:
         """Intermediate images (for slow generations), then the final one, each with a status line."""
         for image, status, final in self.state.generate_stream(req, stream=stream):
-            yield image, (f"✅ {self.describe(req)} · {status}" if final else f"⏳ {status}")
+            yield image, (f"**Done**: {self.describe(req)} · {status}" if final else f"Generating: {status}")
 
     def sweep(self, req: GenerateRequest, count: int, t_end: float, over: str) -> list[tuple[Image.Image, str]]:
         """Images across ``t`` from 0 to ``t_end`` (or across BOFT factors), same seed."""
@@ -306,20 +307,24 @@ class AppContext:
         control_type: str,
         settings: TrainSettings,
     ) -> Job:
-        """Check everything, prepare the data, and start ``train_control.py``."""
+        """Check everything, prepare the data, and start ``train_control.py``.
+
+        ``source``: ``"builtin"`` (a shapes-world dataset with ground-truth maps, written once
+        and cached), ``"zip"`` (pairs as ``metadata.jsonl``/``.csv`` or ``images/`` +
+        ``conditioning_images/``, or plain images for Canny / face landmarks, which the
+        script then preprocesses) or ``"folder"`` (plain images).
+        """
         script = integrations.control_training_script()
-        known = integrations.control_training_flags()
         name = self._check_new_name(name)
         if control_type not in CONTROL_TYPES:
-            raise UploadError(f"unknown control type {control_type!r}; choose one of {', '.join(CONTROL_TYPES)}")
+            raise JobError(f"unknown control type {control_type!r}; choose one of {', '.join(CONTROL_TYPES)}")
+        task = CONTROL_TYPES[control_type]
         adapter_flags = self._adapter_flags(settings)
         run = self._new_run_dir(name)
-        flags = ["--pretrained_model_name_or_path", str(self.state.model_path), "--output_dir", str(run), *adapter_flags]
-        kind = CONTROL_TYPES[control_type]
         try:
             if source == "builtin":
-                flags += ["--task", f"shapes-{kind}"]
-            else:
+                data_flags = ["--train_data_dir", str(self.shapes_control_data(task))]
+            elif source in ("zip", "folder"):
                 data = run / "data"
                 if source == "zip":
                     if not archive:
@@ -327,14 +332,39 @@ class AppContext:
                     extract_zip(archive, data)
                 else:
                     copy_folder_upload(folder_files or [], data)
-                flags += ["--train_data_dir", str(data), "--control_type", kind]
-            if known:  # drop flags this version of the script does not have, rather than fail
-                flags = _keep_known(flags, known)
+                data_flags = control_data_flags(data, task)
+            else:
+                raise JobError(f"unknown data source {source!r}")
+            flags = ["--pretrained_model_name_or_path", str(self.state.model_path), "--output_dir", str(run),
+                     *data_flags, "--control_task", task, "--num_validation_images", "4", *adapter_flags]
             argv, display = launch_command(script, flags)
             return self.jobs.start("control", name, run, argv, display)
         except BaseException:
             shutil.rmtree(run, ignore_errors=True)  # a refused run leaves nothing behind
             raise
+
+    def shapes_control_data(self, task: str, rows: int | None = None) -> Path:
+        """A shapes-world control dataset for ``task`` under the data dir (written once, atomically)."""
+        rows = rows or self.config.shapes_rows
+        folder = self.data_dir / "control_data" / f"shapes-{task}-{rows}"
+        if (folder / "metadata.jsonl").is_file():
+            return folder
+        try:
+            from ..control.data import write_shapes_dataset
+        except ImportError:
+            raise NotAvailableError("the built-in shapes-world control task is not available in this version") from None
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            write_shapes_dataset(tmp, task, rows)
+            if folder.exists():  # written meanwhile by another request: keep that one
+                shutil.rmtree(tmp)
+            else:
+                tmp.rename(folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return folder
 
     def stop(self) -> str:
         """Stop the running job (its last checkpoint is kept as an adapter)."""
@@ -384,15 +414,26 @@ class AppContext:
         return f"imported {info.name!r} ({info.method}, {info.parameters:,} parameters)"
 
 
-def _keep_known(flags: list[str], known: set[str]) -> list[str]:
-    out, i = [], 0
-    while i < len(flags):
-        flag = flags[i]
-        takes_value = i + 1 < len(flags) and not flags[i + 1].startswith("--")
-        if flag in known:
-            out += flags[i : i + (2 if takes_value else 1)]
-        i += 2 if takes_value else 1
-    return out
+def control_data_flags(data: Path, task: str) -> list[str]:
+    """``train_control.py`` data flags for an uploaded folder (unwrapping one top folder).
+
+    Pairs (a ``metadata.jsonl``/``.csv`` table, or ``conditioning_images/``) are used as they
+    are; plain images are preprocessed by the script for Canny and face landmarks, while a
+    segmentation task needs the maps.
+    """
+    root = data
+    entries = [p for p in root.iterdir() if not p.name.startswith(".")]
+    if len(entries) == 1 and entries[0].is_dir() and entries[0].name not in ("images", "conditioning_images"):
+        root = entries[0]
+    paired = any((root / n).is_file() for n in ("metadata.jsonl", "metadata.csv")) or (root / "conditioning_images").is_dir()
+    if paired:
+        return ["--train_data_dir", str(root)]
+    if task in ("canny", "landmarks"):
+        return ["--train_data_dir", str(root), "--preprocess", task]
+    raise UploadError(
+        "a segmentation dataset needs its maps: a metadata.jsonl (image, conditioning_image, text) or "
+        "images/ and conditioning_images/ folders"
+    )
 
 
 def _center_fit(img: Image.Image, width: int, height: int) -> Image.Image:

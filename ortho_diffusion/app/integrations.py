@@ -100,20 +100,6 @@ def control_training_script() -> Path:
     return script
 
 
-def control_training_flags() -> set[str]:
-    """Flag names (``--x``) the control training script accepts, read from its parser."""
-    control_training_script()
-    for module_name in ("ortho_diffusion.training.control", "ortho_diffusion.control.training", "ortho_diffusion.control.train"):
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        build = getattr(module, "build_parser", None)
-        if build is not None:
-            return {s for a in build()._actions for s in a.option_strings if s.startswith("--")}
-    return set()
-
-
 # -------------------------------------------------------------------- control
 def _builtin_canny(image: np.ndarray) -> np.ndarray:
     # The shapes world's own edge map (OpenCV, thresholds 100/200 as controlnet-aux's default).
@@ -148,6 +134,10 @@ def preprocessors() -> dict[str, Callable[[np.ndarray], np.ndarray] | None]:
         return found
 
     def canny(image: np.ndarray) -> np.ndarray:
+        if min(image.shape[:2]) < 64:
+            # controlnet-aux rounds its working size to a multiple of 64 (0 below 64 pixels);
+            # OpenCV with the same thresholds handles small images directly.
+            return _builtin_canny(image)
         try:
             return np.asarray(pre.canny(image))
         except pre.PreprocessError:

@@ -82,6 +82,7 @@ class AdapterInfo:
     builtin: bool
     method: str = "?"
     task: str = "subject"
+    control_task: str = ""
     components: list[str] = field(default_factory=list)
     parameters: int = 0
     n_factors: int = 1
@@ -106,7 +107,8 @@ class AdapterInfo:
     def label(self) -> str:
         """One line for pickers: name, task, method."""
         extra = f", {self.n_factors} factors" if self.method == "boft" else ""
-        return f"{self.name} ({self.task}, {self.method}{extra}{', built-in' if self.builtin else ''})"
+        task = f"{self.control_task} control" if self.is_control and self.control_task else self.task
+        return f"{self.name} ({task}, {self.method}{extra}{', built-in' if self.builtin else ''})"
 
 
 def read_info(path: Path, name: str, builtin: bool) -> AdapterInfo:
@@ -147,6 +149,7 @@ def read_info(path: Path, name: str, builtin: bool) -> AdapterInfo:
         builtin=builtin,
         method=str(first.get("method", "?")),
         task=task,
+        control_task=meta.get("control_task", ""),
         components=comps,
         parameters=n_params,
         n_factors=int(first.get("n_factors", 1) or 1),
@@ -308,7 +311,7 @@ def describe(info: AdapterInfo, fingerprints: dict[str, str]) -> list[Any]:
         base = "…" + base[-39:]
     return [
         info.name,
-        info.task,
+        f"{info.control_task} control" if info.is_control and info.control_task else info.task,
         info.method + (f" ×{info.n_factors}" if info.method == "boft" else ""),
         f"{info.parameters:,}",
         base,

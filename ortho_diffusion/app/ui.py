@@ -36,6 +36,9 @@ CSS = """
   border: 1px solid var(--border-color-primary); border-radius: 7px; overflow: hidden;}
 .od-progress > div {height: 100%; background: var(--color-accent); transition: width .4s;}
 .od-note {font-size: 0.9em; opacity: 0.85;}
+/* Generated images are small (64x64 for the embedded model): show them large and crisp. */
+#output-image img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated;}
+#sweep-gallery img, .od-samples img {image-rendering: pixelated;}
 """
 
 
@@ -108,9 +111,8 @@ def _status_markdown(job: Job | None, kind: str) -> str:
         if job.active:
             return f"A **{job.kind}** training job (`{job.name}`) is running; only one job runs at a time."
         return "No training job in this tab yet. Fill in the form and press **Start training**."
-    icon = {"running": "⏳", "starting": "⏳", "finished": "✅", "stopped": "⏹️", "failed": "❌"}[job.state]
     elapsed = (job.ended or time.time()) - job.started
-    parts = [f"{icon} **{job.state.capitalize()}** `{job.name}`"]
+    parts = [f"**{job.state.capitalize()}**: {job.kind} adapter `{job.name}`"]
     if job.active:
         if job.phase == "training" and job.total:
             parts.append(f"step {job.step} / {job.total}")
@@ -323,6 +325,7 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
                 with gr.Row():
                     with gr.Column(scale=4):
                         a_selected = gr.Dropdown([i.name for i in ctx.adapters()], label="Selected adapter", value=None,
+                                                 info="click a row of the table, or pick one here",
                                                  allow_custom_value=True)  # API callers name adapters made later
                         a_details = gr.JSON(label="Metadata")
                     with gr.Column(scale=4):
@@ -344,7 +347,7 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
                         if not export_formats:
                             gr.Markdown("Export to peft / LyCORIS / merged models is not available in this version yet.",
                                         elem_classes="od-note")
-                        a_file = gr.File(label="File to save", interactive=False)
+                        a_file = gr.File(label="File to save", interactive=False, height=90)
                         with gr.Accordion("Import an adapter file", open=False):
                             a_upload = gr.File(file_types=[".safetensors"], label="ortho-diffusion adapter (.safetensors)")
                             a_import_name = gr.Textbox(label="Name (default: the file name)", max_lines=1)
@@ -378,7 +381,7 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
                               n_factors, control_image, preprocessor, control_scale)
             start = time.perf_counter()
             items = ctx.sweep(req, count, t_end, over)
-            return items, f"✅ sweep of {len(items)} images, seed {req.seed} · {time.perf_counter() - start:.1f} s"
+            return items, f"**Sweep** of {len(items)} images, seed {req.seed} · {time.perf_counter() - start:.1f} s"
 
         sweep_btn.click(sweep, gen_inputs + [sweep_count, sweep_end, sweep_over], [sweep_gallery, status],
                         api_name="sweep", concurrency_limit=1, concurrency_id="model")
@@ -392,11 +395,17 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
         gr.on([control_file.change, preprocessor.change], preview_control,
               [control_file, preprocessor, width, height], control_preview, api_name="preview_control")
 
-        def factor_slider(names):
+        def picked(names):
+            """Fit the factor slider to the BOFT adapters and the preprocessor to a control adapter."""
             top = ctx.max_factors(names or [])
-            return gr.update(maximum=max(1, top), value=top or 1, interactive=bool(top))
+            tasks = [i.control_task for i in ctx.adapters() if i.name in (names or []) and i.is_control]
+            suggested = {"canny": "Canny edges", "landmarks": "Face landmarks",
+                         "segmentation": "Segmentation map (as given)"}.get(tasks[0] if tasks else "")
+            return (gr.update(maximum=max(1, top), value=top or 1, interactive=bool(top)),
+                    gr.update(value=suggested) if suggested else gr.skip())
 
-        adapters.change(factor_slider, adapters, n_factors, api_name="factor_range", api_visibility="undocumented")
+        adapters.change(picked, adapters, [n_factors, preprocessor], api_name="adapters_picked",
+                        api_visibility="undocumented")
 
         # ---------------------------------------------------------- training
         def settings(method, steps_, lr, batch, block, factors, text_enc, ckpt, val, seed_):
@@ -523,7 +532,7 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
         @user_errors
         def rename(old, new, current):
             message = ctx.rename(old or "", new or "")
-            return (f"✅ {message}", *lists(current, (new or "").strip()))
+            return (f"**Done**: {message}", *lists(current, (new or "").strip()))
 
         a_rename.click(rename, [a_selected, a_new_name, adapters], [a_message, *list_outputs], api_name="rename_adapter")
 
@@ -540,7 +549,7 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
         @user_errors
         def delete(name, current):
             message = ctx.delete(name or "")
-            return (f"✅ {message}", gr.update(visible=False), gr.update(visible=False), *lists(current, None))
+            return (f"**Done**: {message}", gr.update(visible=False), gr.update(visible=False), *lists(current, None))
 
         a_confirm.click(delete, [a_selected, adapters], [a_message, a_confirm, a_cancel, *list_outputs],
                         api_name="delete_adapter")
@@ -564,7 +573,7 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
         @user_errors
         def import_adapter(path, name, current):
             message = ctx.import_file(path, name or "")
-            return (f"✅ {message}", *lists(current, None))
+            return (f"**Done**: {message}", *lists(current, None))
 
         a_import.click(import_adapter, [a_upload, a_import_name, adapters], [a_message, *list_outputs],
                        api_name="import_adapter")
@@ -625,8 +634,10 @@ def _job_panel_components() -> tuple:
     status = gr.Markdown(_status_markdown(None, ""))
     progress = gr.HTML(_progress_html(None))
     loss = gr.LinePlot(_loss_frame(None), x="step", y="loss", title="Training loss", height=220)
-    samples = gr.Gallery(label="Sample previews (as they are written)", columns=3, height="auto", format="png")
-    command = gr.Code(label="Command (you can run the same in a terminal)", language="shell", interactive=False)
+    samples = gr.Gallery(label="Sample previews (as they are written)", columns=3, height="auto", format="png",
+                         elem_classes="od-samples")
+    command = gr.Code(label="Command (you can run the same in a terminal)", language="shell", interactive=False,
+                      max_lines=6)
     with gr.Accordion("Log", open=False):
         logbox = gr.Textbox(label="Last output lines", lines=10, max_lines=20, interactive=False)
         job_json = gr.JSON(label="Job")
