@@ -62,6 +62,7 @@ class Job:
     returncode: int | None = None
     log: deque = field(default_factory=lambda: deque(maxlen=400))
     stop_requested: bool = False
+    done: threading.Event = field(default_factory=threading.Event, repr=False)  # set once fully wrapped up
 
     @property
     def active(self) -> bool:
@@ -189,12 +190,10 @@ class JobManager:
 
     def wait(self, timeout: float | None = None) -> Job | None:
         """Block until the current job has ended (and was published), or ``timeout``."""
-        deadline = None if timeout is None else time.time() + timeout
-        while self.job is not None and self.job.active:
-            if deadline is not None and time.time() > deadline:
-                break
-            time.sleep(0.1)
-        return self.job
+        job = self.job
+        if job is not None:
+            job.done.wait(timeout)
+        return job
 
     @staticmethod
     def _kill_group(proc: subprocess.Popen) -> None:
@@ -236,8 +235,9 @@ class JobManager:
         try:
             self._finish(job)
         except Exception as err:  # never leave a job "running" because publishing failed
-            job.state, job.message = "failed", f"the run ended but its adapter could not be published: {err}"
+            job.message, job.state = f"the run ended but its adapter could not be published: {err}", "failed"
         job.ended = time.time()
+        job.done.set()
 
     @staticmethod
     def _segment(job: Job, text: str) -> None:
@@ -255,7 +255,6 @@ class JobManager:
     def _finish(self, job: Job) -> None:
         rc = job.returncode
         if job.stop_requested:
-            job.state = "stopped"
             checkpoints = CheckpointManager(job.run_dir).all()
             if checkpoints:
                 last = checkpoints[-1]
@@ -270,24 +269,25 @@ class JobManager:
                     job.message = f"stopped at step {job.step}; the last checkpoint could not be kept: {err}"
             else:
                 job.message = f"stopped at step {job.step}, before the first checkpoint: no adapter was kept"
+            job.state = "stopped"  # last: whoever sees the new state also sees the message
             return
         if rc == 0:
             adapter = job.run_dir / "adapter.safetensors"
             if not adapter.is_file():
-                job.state, job.message = "failed", f"the run ended without writing {adapter}"
+                job.message, job.state = f"the run ended without writing {adapter}", "failed"
                 return
             try:
                 job.adapter = self._publish(adapter, job.name)
             except (AdapterFileError, LibraryError) as err:
-                job.state, job.message = "failed", f"the trained adapter could not be added: {err}"
+                job.message, job.state = f"the trained adapter could not be added: {err}", "failed"
                 return
-            job.state = "finished"
             job.step = max(job.step, job.total)
             job.message = f"finished: adapter {job.adapter!r} is ready in the Generate tab"
+            job.state = "finished"
             return
-        job.state = "failed"
         if rc == 2 and job.message:
             job.message = f"the training script refused the run: {job.message}"
         else:
             tail = [line for line in job.log if line.strip()][-3:]
             job.message = f"training crashed (exit code {rc}). Last output: " + " | ".join(tail)
+        job.state = "failed"

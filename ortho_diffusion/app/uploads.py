@@ -87,7 +87,10 @@ def save_images(files: list[str | Path], dest: Path, max_images: int = 200, max_
 
 def _safe_member_path(name: str) -> Path | None:
     """Relative path of a zip member if every component is plain, else ``None`` (skipped)."""
-    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    name = name.replace("\\", "/")
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        return None  # absolute paths have no business in an upload
+    parts = [p for p in name.split("/") if p not in ("", ".")]
     if not parts or any(p == ".." or not _SAFE_PART.match(p) for p in parts):
         return None
     if parts[0] == "__MACOSX":
