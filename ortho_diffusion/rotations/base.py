@@ -35,10 +35,16 @@ class Mode(str, Enum):
         # (F_0 ... F_{m-1})^T and (F_0 ... F_{m-1})^-1 both start with F_0.
         return self.transposed != self.inverted
 
+    def orient(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Turn a batch of small factor blocks ``(..., k, k)`` into what this mode applies."""
+        if self.inverted:
+            blocks = torch.linalg.inv(blocks)
+        return blocks.transpose(-1, -2) if self.transposed else blocks
 
-def compute_dtype(param_dtype: torch.dtype) -> torch.dtype:
-    """Rotation maths runs in float32 at least (float64 when the parameters are float64)."""
-    return torch.promote_types(param_dtype, torch.float32)
+
+def compute_dtype(param_dtype: torch.dtype, x_dtype: torch.dtype = torch.float32) -> torch.dtype:
+    """Rotation maths runs in float32 at least (float64 when parameters or inputs are float64)."""
+    return torch.promote_types(torch.promote_types(param_dtype, x_dtype), torch.float32)
 
 
 def project_norm(v: torch.Tensor, bound: float, dims: tuple[int, ...]) -> torch.Tensor:

@@ -168,11 +168,7 @@ class ButterflyCayleyRotation(Rotation):
         n_active_factors: int | None = None,
         mode: Mode = Mode.FORWARD,
     ) -> torch.Tensor:
-        blocks = self.blocks(scale, torch.promote_types(compute_dtype(self.generators.dtype), x.dtype))
-        if mode.inverted:
-            blocks = torch.linalg.inv(blocks)
-        if mode.transposed:
-            blocks = blocks.transpose(-1, -2)
+        blocks = mode.orient(self.blocks(scale, compute_dtype(self.generators.dtype, x.dtype)))
         active = self.n_factors if n_active_factors is None else max(0, min(n_active_factors, self.n_factors))
         factors = range(active) if mode.reverses_factor_order else reversed(range(active))
         out_dtype = x.dtype

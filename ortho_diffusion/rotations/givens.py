@@ -81,11 +81,7 @@ class GivensRotation(Rotation):
         n_active_factors: int | None = None,
         mode: Mode = Mode.FORWARD,
     ) -> torch.Tensor:
-        m = self.pair_matrices(scale, torch.promote_types(compute_dtype(self.angles.dtype), x.dtype))
-        if mode.inverted:
-            m = torch.linalg.inv(m)
-        if mode.transposed:
-            m = m.transpose(-1, -2)
+        m = mode.orient(self.pair_matrices(scale, compute_dtype(self.angles.dtype, x.dtype)))
         out_dtype = x.dtype
         y = x.to(m.dtype)
         stages = range(self.n_stages)
