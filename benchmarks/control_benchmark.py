@@ -169,10 +169,10 @@ def compare(args, model: Path, scenes, work: Path) -> tuple[list[dict], dict]:
             "--sample_steps", str(args.sample_steps), "--report_to", "none", "--proportion_empty_prompts", "0.1",
             "--seed", "0",
         ]
-        if method in ("oft", "oftv2", "boft"):
+        if method in ("oft", "oftv2"):
             argv += ["--block_size", str(args.block_size)]
         if method == "boft":
-            argv += ["--n_factors", "2"]
+            argv += ["--block_size", str(args.boft_block_size), "--n_factors", str(args.boft_factors)]
         if method == "lora":
             argv += ["--lora_rank", str(args.lora_rank)]
         t0 = time.time()
@@ -217,11 +217,11 @@ def interpolation(args, model: Path, pipes: dict, out: Path) -> None:
         hint = control_tensor([shapes_control(scene, task)])
         cells.append(Image.fromarray(shapes_control(scene, task)))
         # BOFT paper: switch the trained factors on one at a time (0, 1, 2 of 2), encoder at full strength.
-        for k in (0, 1, 2):
+        for k in range(args.boft_factors + 1):
             od.set_scale(boft, 1.0, n_active_factors=k)
             cells += to_pil(boft(prompt, image=hint, num_inference_steps=args.sample_steps, guidance_scale=args.guidance_scale,
                                  generator=torch.Generator().manual_seed(0)).images)
-        cells += [Image.new("RGB", (64, 64), "white")] * (len(ts) - 3)
+        cells += [Image.new("RGB", (64, 64), "white")] * (len(ts) - args.boft_factors - 1)
         labels.append(f"boft factors ({task})")
     if cells:
         grid = image_grid([c.resize((128, 128), Image.NEAREST) for c in cells], cols=len(ts) + 1)
@@ -249,7 +249,7 @@ def markdown(result: dict) -> str:
             key, op, target = TARGETS[r["task"]]
             ctl = fmt(r["task"], r["control"]) if r.get("control") else "(no adapter)"
             lines.append(f"| {r['task']} | {key} | {fmt(r['task'], r['no_control'])} | {ctl} | {op} {target} | "
-                         f"{'yes' if r.get('meets_target') else 'no'} | {r.get('trainable_parameters', '-'):,} | "
+                         f"{'yes' if r.get('meets_target') else 'no'} | {r.get('trainable_parameters', 0):,} | "
                          f"{r.get('file_kib', '-')} KiB |")
         lines.append("")
     if result.get("compare"):
@@ -281,7 +281,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--block_size", type=int, default=8)
-    p.add_argument("--lora_rank", type=int, default=4)
+    p.add_argument("--boft_block_size", type=int, default=4, help="with 2 factors: about OFT's parameter count at --block_size 8")
+    p.add_argument("--boft_factors", type=int, default=2)
+    p.add_argument("--lora_rank", type=int, default=2, help="2: about OFT's parameter count at block size 8")
     p.add_argument("--control_channels", default="16,32,64,128")
     p.add_argument("--interpolation", action="store_true")
     p.add_argument("--work_dir", default=str(ROOT / "runs" / "control_benchmark"))
