@@ -166,7 +166,8 @@ def compare(args, model: Path, scenes, work: Path) -> tuple[list[dict], dict]:
             "--method", method, "--max_train_steps", str(args.compare_steps), "--train_batch_size", str(args.batch),
             "--learning_rate", str(args.learning_rate), "--control_task", task, "--control_channels", args.control_channels,
             "--checkpointing_steps", "0", "--validation_steps", "0", "--num_validation_images", "2",
-            "--sample_steps", str(args.sample_steps), "--report_to", "none", "--proportion_empty_prompts", "0.1",
+            "--sample_steps", str(args.sample_steps), "--report_to", "none",
+            "--proportion_empty_prompts", str(args.proportion_empty_prompts),
             "--seed", "0",
         ]
         if method in ("oft", "oftv2"):
@@ -212,6 +213,9 @@ def interpolation(args, model: Path, pipes: dict, out: Path) -> None:
                                  generator=torch.Generator().manual_seed(0)).images)
         labels.append(task)
     boft = pipes.get("boft")
+    if boft is None and args.boft_adapter:
+        boft = load_pipeline(model)
+        od.load_adapter(boft, args.boft_adapter)
     if boft is not None:
         task = args.compare_task
         hint = control_tensor([shapes_control(scene, task)])
@@ -285,7 +289,9 @@ def main(argv=None) -> int:
     p.add_argument("--boft_factors", type=int, default=2)
     p.add_argument("--lora_rank", type=int, default=2, help="2: about OFT's parameter count at block size 8")
     p.add_argument("--control_channels", default="16,32,64,128")
+    p.add_argument("--proportion_empty_prompts", type=float, default=0.5)
     p.add_argument("--interpolation", action="store_true")
+    p.add_argument("--boft_adapter", default=None, help="a BOFT control adapter (for --compare_task) for the factor-by-factor row")
     p.add_argument("--work_dir", default=str(ROOT / "runs" / "control_benchmark"))
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
