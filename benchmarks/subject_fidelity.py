@@ -194,7 +194,6 @@ def main(argv=None) -> int:
         from ortho_diffusion.default_model import default_model_path
 
         args.model = default_model_path()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     methods = args.methods.split(",")
     subjects = [s for s in SUBJECTS if s.name in args.subjects.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
