@@ -307,7 +307,7 @@ def main(argv=None) -> int:
     out = Path(args.results)
     scenes = eval_scenes(args.eval_scenes, args.first_eval_seed)
     result = {
-        "model": str(model.relative_to(ROOT) if model.resolve().is_relative_to(ROOT) else model),
+        "model": str(model.resolve().relative_to(ROOT) if model.resolve().is_relative_to(ROOT) else model),
         "eval_scenes": len(scenes), "first_eval_seed": args.first_eval_seed, "sample_steps": args.sample_steps,
         "guidance_scale": args.guidance_scale, "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "targets": TARGETS,
