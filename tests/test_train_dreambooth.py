@@ -213,3 +213,26 @@ def test_lora_baseline_trains_and_resumes_its_own_tensors(models, instance_dir, 
                         resume_from_checkpoint="latest")
     assert train(resumed) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 6
+
+
+def test_default_model_and_a_shipped_subject_with_prior_preservation(tmp_path):
+    from ortho_diffusion.default_model import default_model_path
+    from ortho_diffusion.subjects import SUBJECTS, subjects_root
+
+    subject = SUBJECTS[0]
+    out = tmp_path / "out"
+    args = [
+        "--instance_data_dir", str(subjects_root() / subject.name),
+        "--instance_prompt", subject.instance_prompt,
+        "--with_prior_preservation", "--class_data_dir", str(tmp_path / "class"),
+        "--class_prompt", subject.class_prompt, "--num_class_images", "2",
+        "--output_dir", str(out), "--max_train_steps", "3", "--train_batch_size", "2",
+        "--sample_steps", "2", "--num_validation_images", "1", "--report_to", "none",
+    ]
+    assert train(args) == 0  # no model flag: the embedded default
+    summary = json.loads((out / "summary.json").read_text())
+    assert Path(summary["base_model"]) == Path(default_model_path())
+    pipe = load_pipeline(default_model_path())
+    od.load_adapter(pipe, out / "adapter.safetensors")
+    image = pipe(subject.instance_prompt, num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (64, 64, 3)

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, StableDiffusionPipeline
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -52,6 +51,8 @@ class TrainConfig:
     vae_batch_size: int = 32
     vae_learning_rate: float = 1e-3
     vae_kl_weight: float = 1e-6
+    vae_time_limit_minutes: float | None = None
+    """Wall-clock cap of phase 1 (its cosine decay follows time too, as in phase 3)."""
     # Phase 3 (UNet + text encoder)
     max_train_steps: int = 3000
     train_batch_size: int = 32
@@ -145,13 +146,29 @@ class BaseTrainer:
         vae = make_vae(self.sizes)
         images = to_tensor(data.images)
         opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_learning_rate, weight_decay=0.0)
-        sched = get_scheduler("cosine", opt, num_warmup_steps=min(50, cfg.vae_train_steps // 10),
-                              num_training_steps=cfg.vae_train_steps)
+        warmup = min(50, cfg.vae_train_steps // 10 + 1)
+        limit_s = cfg.vae_time_limit_minutes * 60 if cfg.vae_time_limit_minutes else None
+        t_phase = time.time()
+
+        def progress(step: int) -> float:
+            p = step / cfg.vae_train_steps
+            return max(p, (time.time() - t_phase) / limit_s) if limit_s else p
+
+        def lr_lambda(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress(step))))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
         vae, opt, sched = acc.prepare(vae, opt, sched)
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         bar = tqdm(range(cfg.vae_train_steps), desc="vae", disable=not acc.is_local_main_process, mininterval=5)
         self.governor.start()
-        for _ in bar:
+        steps_done = 0
+        for step in bar:
+            if progress(step) >= 1.0:
+                self._print(f"[vae] time limit reached at step {step}")
+                break
             idx = torch.randint(0, len(images), (cfg.vae_batch_size,), generator=gen)
             x = images[idx].to(acc.device)
             with acc.autocast():
@@ -166,13 +183,14 @@ class BaseTrainer:
             opt.zero_grad(set_to_none=True)
             bar.set_postfix(rec=f"{rec.item():.4f}", threads=torch.get_num_threads())
             self.governor.step_done()
+            steps_done = step + 1
         vae = acc.unwrap_model(vae).eval()
         if acc.is_main_process:
             tmp = _atomic_dir(done)
             vae.save_pretrained(tmp)
             _commit_dir(tmp, done)
         acc.wait_for_everyone()
-        self._phase_time("vae", time.time() - t0, steps=cfg.vae_train_steps, final_rec_loss=rec.item())
+        self._phase_time("vae", time.time() - t0, steps=steps_done, final_rec_loss=rec.item())
         return vae
 
     # ------------------------------------------------------------------ phase 2
