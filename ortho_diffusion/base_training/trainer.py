@@ -185,6 +185,9 @@ class BaseTrainer:
             self.governor.step_done()
             steps_done = step + 1
         vae = acc.unwrap_model(vae).eval()
+        # Forget the VAE phase: the diffusion checkpoints must list the same models whether
+        # the VAE was trained in this process or reused from work_dir.
+        acc.free_memory()
         if acc.is_main_process:
             tmp = _atomic_dir(done)
             vae.save_pretrained(tmp)
