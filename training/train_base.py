@@ -35,6 +35,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--vae_train_steps", type=int, default=d.vae_train_steps)
     p.add_argument("--vae_batch_size", type=int, default=d.vae_batch_size)
     p.add_argument("--vae_learning_rate", type=float, default=d.vae_learning_rate)
+    p.add_argument("--vae_crop_size", type=int, default=d.vae_crop_size, help="VAE trains on random crops (0: none)")
+    p.add_argument("--vae_full_size_share", type=float, default=d.vae_full_size_share,
+                   help="last share of the VAE phase on whole images")
+    p.add_argument("--vae_edge_loss_weight", type=float, default=d.vae_edge_loss_weight)
     p.add_argument("--vae_time_limit_minutes", type=float, default=None, help="wall-clock cap of the VAE phase")
     p.add_argument("--max_train_steps", type=int, default=d.max_train_steps, help="UNet + text encoder steps")
     p.add_argument("--train_batch_size", type=int, default=d.train_batch_size)

