@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 import ortho_diffusion as od
+from ortho_diffusion.app.actions import TrainSettings
 from ortho_diffusion.app.jobs import Job, JobError, JobManager, launch_command, parse_progress
 from ortho_diffusion.app.library import AdapterLibrary, LibraryError, check_name, read_info, suggest_name
 from ortho_diffusion.app.uploads import UploadError, extract_zip, save_images
@@ -293,3 +294,197 @@ def test_adapter_values_survive_the_library(tmp_path, adapter_file):
     od.load_adapter(ref, adapter_file)
     for a, b in zip(od.adapter_parameters(unet), od.adapter_parameters(ref)):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------- model folders, requests
+def test_model_folders_with_pickle_weights_are_refused(tmp_path):
+    from ortho_diffusion.app.state import check_model_folder
+    from ortho_diffusion.diffusion import ModelFolderError
+
+    model = tmp_path / "model"
+    (model / "unet").mkdir(parents=True)
+    (model / "model_index.json").write_text("{}")
+    (model / "unet" / "config.json").write_text("{}")
+    (model / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ModelFolderError, match="a pickle"):
+        check_model_folder(model)
+    # A stray or variant safetensors file would not stop diffusers from loading the pickle.
+    (model / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"x")
+    with pytest.raises(ModelFolderError, match="a pickle"):
+        check_model_folder(model)
+    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
+    check_model_folder(model)  # the loader prefers this file over the pickle
+
+
+def _context(tmp_path: Path, fingerprints: dict[str, str] | None = None):
+    """An AppContext with a library and the real checks, but no pipeline (nothing is generated)."""
+    from ortho_diffusion.app.actions import AppConfig, AppContext
+    from ortho_diffusion.app.jobs import JobManager
+    from ortho_diffusion.app.state import Limits, ModelState
+
+    ctx = AppContext.__new__(AppContext)
+    ctx.config = AppConfig(model_path=tmp_path / "model", data_dir=tmp_path / "data", builtin_adapter_dirs=[])
+    ctx.data_dir = (tmp_path / "data").resolve()
+    ctx.runs_dir = ctx.data_dir / "runs"
+    ctx.library = AdapterLibrary(ctx.data_dir / "adapters")
+    state = ModelState.__new__(ModelState)
+    state.limits = Limits(size_step=8, native=64, max_size=256)
+    state.fingerprints = fingerprints or {}
+    state.model_path = tmp_path / "model"
+    state.label = "tiny"
+    ctx.state = state
+    ctx.jobs = JobManager(ctx.library, state.fingerprints)
+    ctx.tmp = tmp_path / "tmp"
+    ctx.tmp.mkdir()
+    return ctx
+
+
+def _req_args(**over):
+    args = dict(prompt="a sks circle", negative_prompt="", seed=0, steps=4, guidance=5.0, width=64, height=64,
+                adapters=[], t=1.0, per_factor=False, n_factors=1, control_file=None, preprocessor="Canny edges",
+                control_scale=1.0)
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("seed", None, "seed must be a number"),
+    ("steps", float("inf"), "steps must be a finite number"),
+    ("steps", 2.5, "steps must be a whole number"),
+    ("guidance", "lots", "guidance must be a number"),
+    ("t", float("nan"), "rotation strength t must be a finite number"),
+    ("control_scale", 5.0, "control strength must be between 0 and 2"),
+    ("control_scale", None, "control strength must be a number"),
+    ("n_factors", -1, "cannot be negative"),
+    ("width", 60, "width 60 is not allowed"),
+    ("prompt", "  ", "the prompt is empty"),
+])
+def test_bad_generation_settings_get_readable_messages(tmp_path, field, value, message):
+    from ortho_diffusion.app.state import GenerationError
+
+    ctx = _context(tmp_path)
+    with pytest.raises(GenerationError, match=message):
+        ctx.request(**_req_args(**{field: value}))
+
+
+def test_request_takes_one_adapter_name_as_a_string(tmp_path):
+    ctx = _context(tmp_path)
+    assert ctx.request(**_req_args(adapters="dog", steps=25.0)).adapters == ["dog"]
+    assert ctx.request(**_req_args(adapters=None)).adapters == []
+    with pytest.raises(LibraryError, match="not a valid adapter name"):
+        ctx.request(**_req_args(adapters=["../dog"]))
+
+
+def test_status_line_says_what_was_rendered(tmp_path, fingerprints):
+    import numpy as np
+
+    unet = tiny_unet("sd15")
+    od.attach(unet, od.AdapterConfig(method="boft", block_size=4, n_factors=2))
+    boft = tmp_path / "boft.safetensors"
+    od.save_adapter(unet, boft, extra_metadata={"task": "subject"})
+    ctx = _context(tmp_path, fingerprints)
+    ctx.library.add(boft, "bf", fingerprints=fingerprints)
+    req = ctx.request(**_req_args(adapters=["bf"], per_factor=True, n_factors=0, t=0.5))
+    assert "t = 0.50 · bf · first 0 of 2 BOFT factors" in ctx.describe(req)
+    req.n_factors = 7
+    assert "first 2 of 2 BOFT factors" in ctx.describe(req)
+    req.control_image = np.zeros((64, 64, 3), np.uint8)
+    assert "control image unused (no control adapter selected)" in ctx.describe(req)
+    assert "base model (no adapter selected)" in ctx.describe(ctx.request(**_req_args()))
+
+
+def test_export_checks_the_format_before_using_it_in_a_path(tmp_path, adapter_file, fingerprints):
+    from ortho_diffusion.app.integrations import NotAvailableError
+
+    ctx = _context(tmp_path, fingerprints)
+    ctx.library.add(adapter_file, "dog", fingerprints=fingerprints)
+    with pytest.raises(NotAvailableError, match="unknown export format"):
+        ctx.export("dog", "../../escape", 1.0)
+    assert list(ctx.tmp.iterdir()) == [] and not (tmp_path / "escape").exists()
+
+
+# -------------------------------------------------------- training forms
+def test_training_form_values_get_readable_errors():
+    from ortho_diffusion.app.actions import PRESETS, AppContext, TrainSettings
+
+    s = TrainSettings.from_form("boft", 300.0, "1e-3", 4, 0, 2, 1, 75, 75, 7)
+    assert (s.method, s.steps, s.learning_rate, s.batch_size, s.seed, s.train_text_encoder) == ("boft", 300, 1e-3, 4, 7, True)
+    assert "--n_factors" in AppContext._adapter_flags(s)
+    with pytest.raises(JobError, match="steps must be a number"):
+        TrainSettings.from_form("oft", None, 1e-3, 4, 0, 2, False, 100, 100, 0)
+    with pytest.raises(JobError, match="batch size must be a whole number"):
+        TrainSettings.from_form("oft", 10, 1e-3, 2.5, 0, 2, False, 100, 100, 0)
+    with pytest.raises(JobError, match="learning rate must be a finite number"):
+        TrainSettings.from_form("oft", 10, float("nan"), 4, 0, 2, False, 100, 100, 0)
+    for bad, message in ((dict(checkpoint_every=0), "checkpoints"), (dict(validation_every=-1), "previews"),
+                         (dict(seed=2**40), "seed"), (dict(method="lora"), "unknown method")):
+        with pytest.raises(JobError, match=message):
+            AppContext._adapter_flags(TrainSettings(**bad))
+    # Every preset says what it does and sets what its help promises.
+    for preset in PRESETS.values():
+        assert preset["help"] and {"steps", "lr", "batch", "prior"} <= set(preset)
+    assert PRESETS["Careful"]["prior"] and "prior preservation" in PRESETS["Careful"]["help"]
+
+
+def test_refused_training_requests_leave_no_run(tmp_path):
+    ctx = _context(tmp_path)
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    with pytest.raises(UploadError, match="notes.png: not a readable image"):
+        ctx.start_subject("dog", "upload", [str(bad)], None, "sks", "circle", TrainSettings())
+    with pytest.raises(JobError, match="the token must be"):
+        ctx.start_subject("dog", "upload", [str(bad)], None, "two words", "circle", TrainSettings())
+    assert not ctx.runs_dir.exists() or list(ctx.runs_dir.iterdir()) == []
+    assert ctx.jobs.job is None
+
+
+# --------------------------------------------------- control data uploads
+def test_zip_and_folder_uploads_check_every_image(tmp_path):
+    from ortho_diffusion.app.uploads import copy_folder_upload
+
+    good = tmp_path / "good.png"
+    Image.new("RGB", (8, 8), "blue").save(good)
+    huge = tmp_path / "huge.png"
+    Image.new("L", (5000, 4000)).save(huge)
+    archive = tmp_path / "a.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(good, "images/000.png")
+        zf.writestr("images/001.png", b"not an image")
+    with pytest.raises(UploadError, match=r"a.zip: images/001.png: not a readable image"):
+        extract_zip(archive, tmp_path / "x" / "data")
+    assert list((tmp_path / "x").iterdir()) == []
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(huge, "images/huge.png")
+    with pytest.raises(UploadError, match="huge.png: 5000x4000 is too large"):
+        extract_zip(archive, tmp_path / "x" / "data")
+
+    notes = tmp_path / "notes" / "001.png"
+    notes.parent.mkdir()
+    notes.write_text("text")
+    with pytest.raises(UploadError, match="001.png: not a readable image"):
+        copy_folder_upload([good, notes], tmp_path / "f" / "data")
+    same = tmp_path / "maps" / "good.png"
+    same.parent.mkdir()
+    same.write_bytes(good.read_bytes())
+    with pytest.raises(UploadError, match="two files are named good.png.*as a zip"):
+        copy_folder_upload([good, same], tmp_path / "f" / "data")
+    assert list((tmp_path / "f").iterdir()) == []
+    out = copy_folder_upload([good], tmp_path / "f" / "data")
+    assert [p.name for p in out] == ["good.png"]
+
+
+# ------------------------------------------------------------------ the page
+def test_page_wiring_without_a_model(tmp_path):
+    """The Blocks build over a model-less context: every action is named, presets fill the form."""
+    from ortho_diffusion.app.actions import PRESETS
+    from ortho_diffusion.app.ui import build_ui
+
+    demo = build_ui(_context(tmp_path))
+    fns = {d.api_name: d.fn for d in demo.fns.values() if d.api_name}
+    assert {"generate", "sweep", "train_subject", "train_control", "stop_training", "training_status",
+            "list_adapters", "rename_adapter", "delete_adapter", "download_adapter", "export_adapter",
+            "import_adapter", "preview_control"} <= set(fns)
+    assert all(d.api_name for d in demo.fns.values()), "every event has an explicit api_name"
+    careful = PRESETS["Careful"]
+    assert fns["subject_preset"]("Careful")[1:4] == (careful["steps"], careful["lr"], careful["batch"])
+    assert fns["subject_preset_prior"]("Careful") is True and fns["subject_preset_prior"]("Quick try") is False

@@ -81,6 +81,27 @@ class TrainSettings:
     validation_every: int = 100
     seed: int = 0
 
+    @classmethod
+    def from_form(cls, method: Any, steps: Any, learning_rate: Any, batch_size: Any, block_size: Any,
+                  n_factors: Any, train_text_encoder: Any, checkpoint_every: Any, validation_every: Any,
+                  seed: Any) -> "TrainSettings":
+        """Settings from a training tab's fields (or an API call), with readable errors.
+
+        An empty field or a value that is not a number becomes a :class:`JobError` naming the
+        field, not a ``TypeError`` deep inside; the ranges are checked when the job starts.
+        """
+        numbers = dict(steps=steps, learning_rate=learning_rate, batch_size=batch_size, block_size=block_size,
+                       n_factors=n_factors, checkpoint_every=checkpoint_every, validation_every=validation_every,
+                       seed=seed)
+        out: dict[str, Any] = {}
+        for key, value in numbers.items():
+            what = key.replace("_", " ")
+            try:
+                out[key] = _number(what, value) if key == "learning_rate" else _whole(what, value)
+            except GenerationError as err:
+                raise JobError(str(err)) from None
+        return cls(method=str(method or ""), train_text_encoder=bool(train_text_encoder), **out)
+
 
 class AppContext:
     """The running app: one model, one library, one job manager."""
@@ -137,26 +158,30 @@ class AppContext:
         control_scale: float,
     ) -> GenerateRequest:
         """A validated generation request from the Generate tab's fields."""
+        if isinstance(adapters, str):  # an API caller naming one adapter without a list
+            adapters = [adapters]
         names = [check_name(a) for a in (adapters or [])]
         if len(set(names)) != len(names):
             raise GenerationError("an adapter is selected twice")
-        try:
-            ints = int(seed), int(steps), int(width), int(height), int(n_factors)
-        except (TypeError, ValueError):
-            raise GenerationError("seed, steps, size and factors must be whole numbers") from None
+        ints = {k: _whole(what, v) for k, what, v in (
+            ("seed", "seed", seed), ("steps", "steps", steps), ("width", "width", width),
+            ("height", "height", height), ("n_factors", "number of active BOFT factors", n_factors))}
+        reals = {k: _number(what, v) for k, what, v in (
+            ("guidance", "guidance", guidance), ("t", "rotation strength t", t),
+            ("control_strength", "control strength", control_scale))}
         req = GenerateRequest(
             prompt=prompt or "",
             negative_prompt=negative_prompt or "",
-            seed=ints[0],
-            steps=ints[1],
-            guidance=float(guidance),
-            width=ints[2],
-            height=ints[3],
+            seed=ints["seed"],
+            steps=ints["steps"],
+            guidance=reals["guidance"],
+            width=ints["width"],
+            height=ints["height"],
             adapters=names,
-            t=float(t),
+            t=reals["t"],
             per_factor=bool(per_factor),
-            n_factors=ints[4],
-            control_scale=float(control_scale),
+            n_factors=ints["n_factors"],
+            control_scale=reals["control_strength"],
         )
         self.state.validate(req)
         req.control_image = self.control_map(control_file, preprocessor, req.width, req.height)
@@ -170,10 +195,15 @@ class AppContext:
             what = f"t = 0: base rotations (adapters {', '.join(req.adapters)} switched off)"
         else:
             what = f"t = {req.t:.2f} · {', '.join(req.adapters)}"
-            if req.per_factor and self.max_factors(req.adapters):
-                what += f" · BOFT factors 0..{req.n_factors - 1} of {self.max_factors(req.adapters)}"
-        if req.control_image is not None:
+            top = self.max_factors(req.adapters)
+            if req.per_factor and top:
+                k = max(0, min(int(req.n_factors), top))
+                what += f" · first {k} of {top} BOFT factors"
+        controls = [i for i in self.adapters() if i.name in req.adapters and i.is_control]
+        if req.control_image is not None and controls:
             what += f" · control strength {req.control_scale:.2f}"
+        elif req.control_image is not None:
+            what += " · control image unused (no control adapter selected)"
         return f"{what} · seed {req.seed} · {req.steps} steps · {req.width}×{req.height}"
 
     def generate(self, req: GenerateRequest, stream: bool = True) -> Iterator[tuple[Image.Image, str]]:
@@ -227,6 +257,9 @@ class AppContext:
             (1 <= int(s.batch_size) <= 64, "the batch size must be between 1 and 64"),
             (0 <= int(s.block_size) <= 1024, "the block size must be between 0 (automatic) and 1024"),
             (1 <= int(s.n_factors) <= 12, "BOFT factors must be between 1 and 12"),
+            (int(s.checkpoint_every) >= 1, "checkpoints must be every 1 step or more"),
+            (int(s.validation_every) >= 1, "sample previews must be every 1 step or more"),
+            (0 <= int(s.seed) < 2**32, "the training seed must be between 0 and 4294967295"),
         ]
         for ok, message in checks:
             if not ok:
@@ -390,6 +423,11 @@ class AppContext:
     def export(self, name: str, fmt: str, scale: float = 1.0) -> Path:
         """The adapter in another tool's format at strength ``scale`` (one file; folders are zipped)."""
         info = self.library.get(name)
+        formats = integrations.export_formats()
+        if not formats:
+            raise NotAvailableError("export (peft / LyCORIS / merged) is not available in this version yet")
+        if fmt not in formats:  # checked before the name is used in a path
+            raise NotAvailableError(f"unknown export format {fmt!r}; choose one of {', '.join(formats)}")
         if not 0.0 <= float(scale) <= self.state.limits.max_t:
             raise GenerationError(f"the exported strength must be between 0 and {self.state.limits.max_t}")
         folder = Path(tempfile.mkdtemp(dir=self.tmp))
@@ -443,3 +481,22 @@ def _center_fit(img: Image.Image, width: int, height: int) -> Image.Image:
     img = img.resize((w, h), Image.BICUBIC)
     left, top = (w - width) // 2, (h - height) // 2
     return img.crop((left, top, left + width, top + height))
+
+
+def _number(what: str, value: Any) -> float:
+    """``value`` as a finite float, or a :class:`GenerationError` naming the field."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise GenerationError(f"the {what} must be a number, not {value!r}") from None
+    if not np.isfinite(out):
+        raise GenerationError(f"the {what} must be a finite number, not {value!r}")
+    return out
+
+
+def _whole(what: str, value: Any) -> int:
+    """``value`` as an int (a float such as 25.0 is fine, 2.5 is not), or a :class:`GenerationError`."""
+    out = _number(what, value)
+    if out != int(out):
+        raise GenerationError(f"the {what} must be a whole number, not {value!r}")
+    return int(out)

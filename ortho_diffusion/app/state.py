@@ -30,6 +30,12 @@ from .library import AdapterInfo, AdapterLibrary, LibraryError
 
 #: Pickle-based weight files: a model folder holding only these is refused.
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
+#: The safetensors weights diffusers and transformers load (without a variant) in preference to
+#: pickles: a component folder with pickles must have one of these, or the pickle would be loaded.
+SAFE_WEIGHT_NAMES = {
+    "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+    "model.safetensors", "model.safetensors.index.json",
+}
 #: Adapters kept attached (at strength 0 when unused) before the least recently used goes.
 MAX_LOADED = 6
 #: Intermediate images are streamed only for generations that take longer than this.
@@ -47,7 +53,9 @@ def check_model_folder(path: Path) -> None:
     for sub in sorted(p for p in path.iterdir() if p.is_dir()):
         files = [f for f in sub.iterdir() if f.is_file()]
         pickles = [f for f in files if f.suffix.lower() in PICKLE_SUFFIXES]
-        if pickles and not any(f.suffix == ".safetensors" for f in files):
+        # Any other .safetensors file (a variant, a stray copy) would not stop the loader from
+        # falling back to the pickle, so only the names it prefers count.
+        if pickles and not any(f.name in SAFE_WEIGHT_NAMES for f in files):
             raise ModelFolderError(
                 f"{sub}: weights only as {pickles[0].name} (a pickle); the app loads .safetensors "
                 "weights only. Convert the model with diffusers' save_pretrained(safe_serialization=True)."
@@ -83,6 +91,7 @@ class Limits:
     max_steps: int = 150
     max_guidance: float = 30.0
     max_t: float = 1.5
+    max_control_scale: float = 2.0
 
 
 class ModelState:
@@ -183,6 +192,10 @@ class ModelState:
             raise GenerationError(f"t must be between 0 and {lim.max_t}")
         if not 0 <= int(req.seed) < 2**32:
             raise GenerationError("the seed must be between 0 and 4294967295")
+        if not 0.0 <= float(req.control_scale) <= lim.max_control_scale:
+            raise GenerationError(f"the control strength must be between 0 and {lim.max_control_scale}")
+        if int(req.n_factors) < 0:
+            raise GenerationError("the number of active BOFT factors cannot be negative")
 
     def _call_kwargs(self, req: GenerateRequest, infos: list[AdapterInfo]) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(

@@ -250,7 +250,8 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
                                 list(integrations.PREPROCESSOR_NAMES), value="Canny edges", label="Preprocessor",
                                 info="Segmentation and control maps are used as given.",
                             )
-                            control_scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Control strength")
+                            control_scale = gr.Slider(0.0, lim.max_control_scale, value=1.0, step=0.05,
+                                                      label="Control strength")
                     with gr.Column(scale=4):
                         image = gr.Image(label="Image", format="png", interactive=False, height=384, elem_id="output-image")
                         status = gr.Markdown("Press **Generate**.", elem_id="generate-status")
@@ -414,9 +415,7 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
 
         # ---------------------------------------------------------- training
         def settings(method, steps_, lr, batch, block, factors, text_enc, ckpt, val, seed_):
-            return TrainSettings(method=method, steps=int(steps_), learning_rate=float(lr), batch_size=int(batch),
-                                 block_size=int(block), n_factors=int(factors), train_text_encoder=bool(text_enc),
-                                 checkpoint_every=int(ckpt), validation_every=int(val), seed=int(seed_))
+            return TrainSettings.from_form(method, steps_, lr, batch, block, factors, text_enc, ckpt, val, seed_)
 
         def follow(job: Job, kind: str):
             last = None
@@ -473,6 +472,10 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
             return ctx.jobs.job.to_dict() if ctx.jobs.job else {}
 
         gr.api(training_status, api_name="training_status", concurrency_limit=None)  # for scripts
+
+        # The "Careful" preset's help promises prior preservation: the checkbox follows the preset.
+        s_preset.change(lambda name: PRESETS[name]["prior"] if name in PRESETS else gr.skip(), s_preset, s_prior,
+                        api_name="subject_preset_prior", api_visibility="private")
 
         s_source.change(lambda src: (gr.update(visible=src == "upload"), gr.update(visible=src == "builtin"),
                                      gr.update(interactive=src == "upload"), gr.update(interactive=src == "upload")),
@@ -624,11 +627,11 @@ def _method_and_preset(prefix: str):
     def apply_preset(name):
         p = PRESETS.get(name)
         if p is None:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         every = max(1, p["steps"] // 4)  # four previews and checkpoints per run
-        return p["help"], p["steps"], p["lr"], every, every
+        return p["help"], p["steps"], p["lr"], p["batch"], every, every
 
-    preset.change(apply_preset, preset, [preset_help, steps, lr, ckpt, val], api_name=f"{prefix}_preset",
+    preset.change(apply_preset, preset, [preset_help, steps, lr, batch, ckpt, val], api_name=f"{prefix}_preset",
                   api_visibility="private")
     steps.release(lambda n: (max(1, int(n) // 4), max(1, int(n) // 4)), steps, [ckpt, val],
                   api_name=f"{prefix}_steps", api_visibility="private")

@@ -56,6 +56,24 @@ def open_checked_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS, nam
         raise UploadError(f"{name}: not a readable image ({type(err).__name__})") from None
 
 
+def check_image_header(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None) -> None:
+    """Refuse a file that is not an image or is larger than ``max_pixels``, reading only its header.
+
+    Cheap enough for every file of a training archive; the pixels are decoded later by the
+    training script, which then meets no non-image and no decompression bomb.
+    """
+    name = name or display_name(path)
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise UploadError(f"{name}: not a readable image ({type(err).__name__})") from None
+    if width * height > max_pixels:
+        raise UploadError(
+            f"{name}: {width}x{height} is too large (at most {max_pixels:,} pixels, e.g. 4096x4096); resize it first"
+        )
+
+
 def save_images(files: list[str | Path], dest: Path, max_images: int = 200, max_pixels: int = MAX_IMAGE_PIXELS) -> list[Path]:
     """Check every uploaded file and write them as ``dest/NN.png``, all or nothing.
 
@@ -139,6 +157,8 @@ def extract_zip(
                         if written > max_total_bytes:
                             raise UploadError(f"{name}: unpacks to more than {max_total_bytes // 1024**2} MiB")
                         dst.write(chunk)
+                if rel.suffix.lower() in IMAGE_SUFFIXES:
+                    check_image_header(target, name=f"{name}: {rel.as_posix()}")
                 out.append(dest / rel)
             if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in out):
                 raise UploadError(f"{name}: no images inside (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -169,6 +189,15 @@ def copy_folder_upload(files: list[str | Path], dest: Path, max_files: int = 50_
             rel = _safe_member_path(f.name)
             if rel is None or rel.suffix.lower() not in IMAGE_SUFFIXES | {".txt", ".json", ".jsonl", ".csv"}:
                 continue
+            if (tmp / rel.name).exists():
+                # Uploaded folders arrive flattened: images/001.png and conditioning_images/001.png
+                # would overwrite each other and silently break the pairs.
+                raise UploadError(
+                    f"two files are named {rel.name} (in different subfolders?): a folder upload keeps only "
+                    "file names, so upload a dataset with subfolders as a zip archive"
+                )
+            if rel.suffix.lower() in IMAGE_SUFFIXES:
+                check_image_header(f, name=rel.name)
             shutil.copyfile(f, tmp / rel.name)
             out.append(dest / rel.name)
         if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in out):
