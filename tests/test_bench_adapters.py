@@ -1,0 +1,104 @@
+"""Smoke run of ``benchmarks/bench_adapters.py --quick``: every row is there and timed.
+
+No timing assertions: the point is that every adapter of every library builds, trains a step,
+is profiled and lands in the report.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft")
+pytest.importorskip("lycoris")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench_adapters.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("bench_adapters", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the script loads
+    spec.loader.exec_module(module)
+    return module
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("adapter_speed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # A subprocess: the script patches peft's BOFT kernel loader for its whole process.
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_machine_and_versions_are_printed(quick_run):
+    _, stdout = quick_run
+    assert "cores" in stdout and "torch threads" in stdout
+    for lib in ("torch", "diffusers", "peft", "lycoris"):
+        assert f"{lib} " in stdout
+
+
+def test_every_layer_row_is_in_json_and_table(quick_run):
+    out, _ = quick_run
+    bench = load_script()
+    settings = bench.make_settings(bench.argparse.Namespace(
+        quick=True, repeats=None, warmup=None, widths=None, skip_unet=False, only=None,
+    ))
+    keys = [v.key for v in bench.training_variants(settings)]
+    for must in ("base", "peft/lora", "peft/oft", "peft/boft-m2", "peft/boft-m4", "lycoris/diag-oft-rebuild",
+                 "lycoris/boft-m4-bypass", "ours/oft/auto", "ours/oftv2/weight-centric", "ours/boft-m4/input-centric",
+                 "ours/goft/auto"):
+        assert must in keys
+
+    result = json.loads((out / "adapter_speed.json").read_text())
+    for width, _ in settings.widths:
+        rows = {r["key"]: r for r in result["layer_training"] if r["width"] == width}
+        assert sorted(rows) == sorted(keys)
+        for r in rows.values():
+            assert positive(r["step_s"]) and all(positive(t) for t in r["step_s_all"])
+            assert positive(r["memory"]["total_bytes"]) and positive(r["time_vs_base"])
+            if r["library"] != "base":
+                assert r["trainable_params"] > 0
+            if r["library"] == "ours":
+                assert sum(r["auto_paths"].values()) == 6  # every adapted projection reported its path
+
+    table = (out / "adapter_speed.md").read_text()
+    for width, _ in settings.widths:
+        lines = table.split(f"### width {width},")[1].split("\n\n")[1].splitlines()[2:]
+        assert len(lines) == len(keys)
+        for line in lines:
+            step_ms = float(line.split("|")[6])
+            assert positive(step_ms)
+    assert (out / "adapter_speed.png").stat().st_size > 0
+
+
+def test_speedups_unet_and_inference(quick_run):
+    out, _ = quick_run
+    result = json.loads((out / "adapter_speed.json").read_text())
+    theirs = {s["theirs"] for s in result["speedups"] if s["scope"] == "layer"}
+    assert {"peft/boft-m2", "peft/boft-m4", "lycoris/boft-m2-rebuild", "lycoris/boft-m4-bypass"} <= theirs
+    assert all(positive(s["speedup_auto"]) for s in result["speedups"])
+
+    unet = {r["key"]: r for r in result["unet_training"]}
+    assert {"base", "peft/lora", "peft/oft", "peft/boft-m2", "lycoris/boft-m2-rebuild", "ours/oft/auto",
+            "ours/oftv2/auto", "ours/boft-m2-scale/auto"} <= set(unet)
+    assert all(positive(r["step_s"]) for r in unet.values())
+
+    merged = [r for r in result["layer_inference"] + result["unet_inference"] if r["state"] == "merged"]
+    assert merged and all(positive(r["forward_s"]) for r in merged)
+    assert all(r["max_abs_diff_vs_live"] < 1e-4 for r in merged)  # merging kept the function
