@@ -92,6 +92,14 @@ class TrainConfig:
         return ModelSizes.tiny() if self.model_size == "tiny" else ModelSizes()
 
 
+def warmup_cosine(step: int, warmup: int, progress: float, floor: float) -> float:
+    """Learning-rate factor: linear warm-up over ``warmup`` steps, then a cosine from 1 down to
+    ``floor`` as ``progress`` (steps or time used, clipped to [0, 1]) goes from 0 to 1."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
 def _atomic_dir(final: Path) -> Path:
     """A fresh sibling temp folder to write into before :func:`_commit_dir`."""
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
@@ -165,9 +173,7 @@ class BaseTrainer:
             return max(p, (time.time() - t_phase) / limit_s) if limit_s else p
 
         def lr_lambda(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress(step))))
+            return warmup_cosine(step, warmup, progress(step), floor=0.02)
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
         vae, opt, sched = acc.prepare(vae, opt, sched)
@@ -302,12 +308,9 @@ class BaseTrainer:
         self.progress = 0.0
 
         def lr_lambda(step: int) -> float:
-            if step < cfg.lr_warmup_steps:
-                return (step + 1) / cfg.lr_warmup_steps
-            if cfg.lr_scheduler == "constant":
-                return 1.0
-            p = min(1.0, max(self.progress, step / cfg.max_train_steps))
-            return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p))  # cosine to 5%
+            # "constant" stays at the top of the cosine (progress 0) after the warm-up.
+            p = 0.0 if cfg.lr_scheduler == "constant" else max(self.progress, step / cfg.max_train_steps)
+            return warmup_cosine(step, cfg.lr_warmup_steps, p, floor=0.05)
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
         ema_unet = ema_text = None
