@@ -42,6 +42,13 @@ CSS = """
 """
 
 
+def user_error(message: str) -> gr.Error:
+    """The app's error message: no traceback in the log, and it stays on screen until
+    dismissed, since one that vanished while the user looked elsewhere would leave them
+    guessing what happened."""
+    return gr.Error(message, print_exception=False, duration=None)
+
+
 class CheckedImage(gr.Image):
     """``gr.Image`` whose uploads are checked by the app before Gradio decodes them.
 
@@ -56,7 +63,7 @@ class CheckedImage(gr.Image):
             try:
                 open_checked_image(payload.path, name=getattr(payload, "orig_name", None))
             except UploadError as err:
-                raise gr.Error(str(err), print_exception=False, duration=None) from None
+                raise user_error(str(err)) from None
         return super().preprocess(payload)
 
 
@@ -68,11 +75,7 @@ def _message(err: BaseException) -> str:
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turn exceptions into ``gr.Error`` messages (plain and generator functions alike).
-
-    Messages stay on screen until dismissed (``duration=None``): one that vanished while the
-    user looked elsewhere would leave them guessing what happened.
-    """
+    """Turn exceptions into :func:`user_error` messages (plain and generator functions alike)."""
     if inspect.isgeneratorfunction(fn):
 
         @functools.wraps(fn)
@@ -82,7 +85,7 @@ def user_errors(fn: Callable) -> Callable:
             except gr.Error:
                 raise
             except Exception as err:
-                raise gr.Error(_message(err), print_exception=False, duration=None) from None
+                raise user_error(_message(err)) from None
 
         return gen_wrapper
 
@@ -93,7 +96,7 @@ def user_errors(fn: Callable) -> Callable:
         except gr.Error:
             raise
         except Exception as err:
-            raise gr.Error(_message(err), print_exception=False, duration=None) from None
+            raise user_error(_message(err)) from None
 
     return wrapper
 
@@ -565,7 +568,7 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
         @user_errors
         def download(name):
             if not name:
-                raise gr.Error("Select an adapter first.", duration=None)
+                raise user_error("Select an adapter first.")
             return str(ctx.download(name))
 
         a_download.click(download, a_selected, a_file, api_name="download_adapter")
@@ -573,7 +576,7 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
         @user_errors
         def export(name, fmt, scale):
             if not name:
-                raise gr.Error("Select an adapter first.", duration=None)
+                raise user_error("Select an adapter first.")
             return str(ctx.export(name, fmt, float(scale if scale is not None else 1.0)))
 
         a_export.click(export, [a_selected, a_export_fmt, a_export_scale], a_file, api_name="export_adapter")
