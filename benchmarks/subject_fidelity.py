@@ -2,7 +2,7 @@
 """Subject-driven training benchmark: orthogonal methods against peft LoRA on the shipped subjects.
 
     .venv/bin/python benchmarks/subject_fidelity.py            # default model, all methods
-    .venv/bin/python benchmarks/subject_fidelity.py --steps 200 --methods oft,lora --subjects checker-circle
+    .venv/bin/python benchmarks/subject_fidelity.py --steps 200 --methods oft,lora --subjects split-circle
 
 For every (subject, method, seed) it trains with the project's DreamBooth code (prior
 preservation on, the same steps, batch and data for all) and measures, with the classical

@@ -34,6 +34,14 @@ from .config import AdapterConfig
 from .rotations import Mode, Rotation
 
 
+#: Time of one element pass of a rotation in training (forward and backward), in multiply-adds
+#: of the frozen layer's matrix product.  Rotations move memory, matrix products compute:
+#: fitted to the layer-level training steps of ``benchmarks/bench_adapters.py`` (OFT b=32 and
+#: BOFT b=8 with 4 factors at widths 320-1280, 512-8192 tokens; 2 threads), where it ranges
+#: 200-400; the choice only flips near the break-even, where both paths cost the same.
+PASS_COST_IN_MACS = 300
+
+
 @dataclass
 class _Active:
     """One adapter as it enters a computation: its rotation, side, strength and magnitude."""
@@ -204,10 +212,11 @@ class OrthogonalAdapter(nn.Module):
     def choose_compute(self, x: torch.Tensor, active: list[_Active]) -> str:
         """``"input-centric"`` or ``"weight-centric"`` for this call (see README: compute paths).
 
-        Rule: compare multiply-adds.  Rotating activations costs ``N * c`` (``N`` tokens,
-        ``c`` the rotation cost per vector); rotating the weight costs ``rows * c``.  In
-        training each side costs about 3x (forward + backward), and the weight-centric path
-        also needs the full weight gradient, ``N * d_in * d_out``, which input-centric avoids.
+        Rule: compare estimated time.  Rotating ``N`` activation vectors costs ``N * p`` element
+        passes (``p`` from :meth:`Rotation.passes_per_vector`); rotating the weight costs
+        ``rows * p``.  In training, the weight-centric path also needs the full weight
+        gradient, ``N * d_in * d_out`` multiply-adds, which input-centric avoids; one element
+        pass (forward and backward) costs about :data:`PASS_COST_IN_MACS` of those.
         """
         if self.compute != "auto":
             return self.compute
@@ -216,14 +225,14 @@ class OrthogonalAdapter(nn.Module):
             # Exact input-centric convs need unfolded patches (kernel area x the activations).
             return "weight-centric"
         n = self._n_tokens(x)
-        c_in = sum(a.rotation.cost_per_vector() for a in active if a.side == "input")
-        c_out = sum(a.rotation.cost_per_vector() for a in active if a.side == "output")
-        input_centric = n * (c_in + c_out)
-        weight_centric = self.out_dim * c_in + self.in_dim * c_out
+        p_in = sum(a.rotation.passes_per_vector() for a in active if a.side == "input")
+        p_out = sum(a.rotation.passes_per_vector() for a in active if a.side == "output")
+        input_centric = n * (p_in + p_out)
+        weight_centric = self.out_dim * p_in + self.in_dim * p_out
         training = torch.is_grad_enabled() and any(p.requires_grad for p in self.rotations.parameters())
         if training:
-            input_centric *= 3
-            weight_centric = 3 * weight_centric + n * self.in_dim * self.out_dim
+            input_centric *= PASS_COST_IN_MACS
+            weight_centric = PASS_COST_IN_MACS * weight_centric + n * self.in_dim * self.out_dim
         return "input-centric" if input_centric <= weight_centric else "weight-centric"
 
     def _run_layer(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -1,8 +1,14 @@
-"""Subjects the embedded model has never seen: patterned shapes drawn with the shapes world.
+"""Subjects the embedded model has never seen: two-colour shapes drawn with the shapes world.
 
-Each subject is one shape class filled with a two-colour pattern (checkerboard, stripes,
-dots), named by a reserved rare token.  The base model only knows plain one-colour shapes,
-so learning a subject means learning its pattern; the shape class is the DreamBooth "class".
+Each subject is one shape class filled with two colours (split down the middle, split across,
+or in wide stripes), named by a reserved rare token.  The base model only knows plain
+one-colour shapes, so learning a subject means learning its colour layout; the shape class
+is the DreamBooth "class".
+
+The layouts are coarse on purpose: the model's VAE maps 64x64 images to 16x16 latents, and
+fine textures (4-pixel checks, 3-pixel stripes) land far outside the latents the base model
+was trained on (its denoising loss on them was 5-25x its loss on ordinary scenes), where no
+small adapter can reach them.
 
 Subject fidelity is measured classically: the colour composition of the generated object
 (fraction of its pixels nearest to each of the subject's two colours, versus anything else)
@@ -27,11 +33,12 @@ class Subject:
     """A patterned shape.
 
     Attributes:
-        name: folder name, e.g. ``"checker-circle"``.
+        name: folder name, e.g. ``"split-circle"``.
         token: the rare identifier (one of :data:`world.RESERVED_TOKENS`).
         shape: shape class (also the class noun).
         colors: the pattern's two RGB colours.
-        pattern: ``"checker"``, ``"stripes"`` or ``"dots"``.
+        pattern: ``"halves"`` (left / right), ``"bands"`` (top / bottom) or ``"stripes"``
+            (8-pixel horizontal stripes, the first colour across the centre), all relative to the object's centre.
     """
 
     name: str
@@ -50,9 +57,9 @@ class Subject:
 
 
 SUBJECTS: tuple[Subject, ...] = (
-    Subject("checker-circle", "sks", "circle", ((225, 35, 35), (250, 250, 250)), "checker"),
+    Subject("split-circle", "sks", "circle", ((225, 35, 35), (250, 250, 250)), "halves"),
     Subject("striped-square", "qwe", "square", ((40, 80, 230), (245, 215, 40)), "stripes"),
-    Subject("dotted-triangle", "zxc", "triangle", ((145, 55, 200), (245, 215, 40)), "dots"),
+    Subject("two-tone-triangle", "zxc", "triangle", ((145, 55, 200), (245, 215, 40)), "bands"),
 )
 
 #: Positions of the instance images; all large, so the pattern is visible.
@@ -77,15 +84,19 @@ def instance_layouts(subject: Subject) -> list[tuple[str, str]]:
     return [(p, bgs[i % len(bgs)]) for i, p in enumerate(INSTANCE_POSITIONS)]
 
 
-def pattern_mask(pattern: str, size: int = world.IMAGE_SIZE) -> np.ndarray:
-    """``(size, size)`` bool: True where the pattern shows its first colour."""
-    y, x = np.mgrid[0:size, 0:size]
-    if pattern == "checker":
-        return ((x // 4 + y // 4) % 2) == 0
+def pattern_mask(pattern: str, center: tuple[float, float], size: int = world.IMAGE_SIZE) -> np.ndarray:
+    """``(size, size)`` bool: True where the pattern shows its first colour.
+
+    ``center`` is the object's ``(x, y)`` centre in pixels; the pattern is laid out around it,
+    so the object looks the same wherever it stands."""
+    y, x = np.mgrid[0:size, 0:size] + 0.5
+    dx, dy = x - center[0], y - center[1]
+    if pattern == "halves":
+        return dx < 0
+    if pattern == "bands":
+        return dy < 0
     if pattern == "stripes":
-        return (y // 3) % 2 == 0
-    if pattern == "dots":
-        return ((x % 6 - 2.5) ** 2 + (y % 6 - 2.5) ** 2) > 2.0**2
+        return np.floor((dy + 4) / 8) % 2 == 0  # a band of the first colour across the centre
     raise ValueError(f"unknown pattern {pattern!r}")
 
 
@@ -94,7 +105,7 @@ def render_subject(subject: Subject, position: str, background: str, size_word: 
     # The colour word only matters for plain rendering; the pattern replaces it.
     scene = make_scene(background, [(size_word, "red", subject.shape, position)])
     cov = coverage(scene)[0][..., None]
-    fill = np.where(pattern_mask(subject.pattern)[..., None], subject.colors[0], subject.colors[1]).astype(np.float32)
+    fill = np.where(pattern_mask(subject.pattern, scene.objects[0].center)[..., None], subject.colors[0], subject.colors[1]).astype(np.float32)
     img = np.empty_like(fill)
     img[:] = world.BACKGROUNDS[background]
     img = img * (1 - cov) + cov * fill

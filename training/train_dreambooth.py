@@ -2,7 +2,7 @@
 """Teach a diffusion model one subject with an orthogonal adapter (DreamBooth).
 
     accelerate launch training/train_dreambooth.py \
-        --instance_data_dir assets/subjects/checker-circle --instance_prompt "a sks circle" \
+        --instance_data_dir assets/subjects/split-circle --instance_prompt "a sks circle" \
         --method oft --max_train_steps 400 --output_dir outputs/sks
 
 Without --pretrained_model_name_or_path it trains on the embedded shapes model.  Every flag

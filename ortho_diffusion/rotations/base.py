@@ -100,8 +100,12 @@ class Rotation(nn.Module):
         p = next(self.parameters())
         return p.new_zeros(())
 
-    def cost_per_vector(self) -> int:
-        """Multiply-adds needed to rotate one vector (drives the ``compute="auto"`` choice)."""
+    def passes_per_vector(self) -> int:
+        """Elements read and written to rotate one vector: ``dim`` times the number of
+        factors or stages (drives the ``compute="auto"`` choice).
+
+        Rotations are memory-bound here: a pass costs about the same whatever the block
+        size (measured from b = 8 to 32), so this, not a multiply-add count, predicts time."""
         raise NotImplementedError
 
     def n_parameters(self) -> int:

@@ -101,8 +101,9 @@ class GivensRotation(Rotation):
         m = self.pair_matrices()
         return ((m[:, :, 0] * m[:, :, 1]).sum(-1) ** 2).sum()
 
-    def cost_per_vector(self) -> int:
-        return 4 * (self.dim - 1)
+    def passes_per_vector(self) -> int:
+        # Each stage gathers both halves and copies them back: about two passes.
+        return 2 * self.n_stages * self.dim
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, stages={self.n_stages}, relaxed={self.relaxed}, constraint={self.constraint}"
