@@ -117,7 +117,9 @@ def main() -> int:
 
             page.get_by_role("tab", name="Adapters").click()
             page.wait_for_timeout(1000)
-            page.locator("#adapter-table td").first.click()
+            # Pick the first adapter in the "Selected adapter" dropdown (shows its details).
+            page.get_by_label("Selected adapter").click()
+            page.get_by_role("option").first.click()
             page.wait_for_timeout(2000)
             page.screenshot(path=str(out / "app-adapters.png"), full_page=True)
             browser.close()

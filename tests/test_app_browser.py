@@ -64,6 +64,11 @@ def test_type_prompt_move_slider_generate_screenshot(browser, tmp_path):
         image = page.locator("#output-image img")
         image.wait_for(timeout=30_000)
         assert image.get_attribute("src")
+
+        # Typing a strength into the slider's number box regenerates without a click.
+        number.fill("0.3")
+        number.press("Enter")
+        status.get_by_text("t = 0.30").wait_for(timeout=90_000)
         shot = tmp_path / "generate.png"
         page.screenshot(path=str(shot), full_page=True)
         assert shot.stat().st_size > 10_000

@@ -378,7 +378,8 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
                 yield img, text
 
         gr.on(
-            [generate_btn.click, prompt.submit, t.release],
+            # input, not release: release misses values typed into the slider's number box.
+            [generate_btn.click, prompt.submit, t.input],
             generate, gen_inputs, [image, status], api_name="generate", trigger_mode="always_last",
             concurrency_limit=1, concurrency_id="model",
         )
