@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .base import Mode, Rotation, compute_dtype, project_norm
 from .cayley import cayley, cayley_neumann, n_packed, unpack_skew
@@ -176,6 +177,10 @@ class ButterflyCayleyRotation(Rotation):
         rows = x.to(blocks.dtype).reshape(-1, self.dim)
         if len(factors) == 1:
             y = self._apply_to_rows(rows, blocks[factors[0]], self.stride_exponent(factors[0]))
+        elif torch.is_grad_enabled() and (rows.requires_grad or blocks.requires_grad):
+            # Keep only the input for backward and recompute the factors there: one more
+            # forward pass of the rotation instead of one activation-sized tensor per factor.
+            y = checkpoint(self._apply_to_columns, rows.t(), blocks, factors, use_reentrant=False).t()
         else:
             y = self._apply_to_columns(rows.t(), blocks, factors).t()
         return y.reshape(x.shape).to(x.dtype)
