@@ -70,31 +70,30 @@ def test_tokenizer_keeps_world_words_and_subject_tokens_whole(pipe):
         assert len(pipe.tokenizer.tokenize(word)) == 1, word
 
 
-# (object, background, generator seed): fixed cases. Background and colour are asserted for
-# all of them (the shipped model gets them right 100% and 99% of the time, README "Quality");
-# its shape rate is 57%, so the shape is asserted on the five cases with ``shape=True``,
-# regression checks at fixed seeds that it draws right, not a measure of its quality.
+# (object, background, generator seed): fixed cases. Background and colour are asserted (the
+# shipped model gets them right 100% of the time, README "Quality"), and the shape: it draws
+# 87% of shapes right, so at these fixed seeds this is a regression check that it still
+# draws them, not a measure of its quality.
 CASES = [
-    (("large", "red", "circle", "center"), "white", 0, True),
-    (("large", "blue", "square", "left"), "black", 1, True),
-    (("large", "yellow", "triangle", "right"), "gray", 2, False),
-    (("large", "white", "star", "center"), "black", 3, True),
-    (("large", "green", "circle", "right"), "pink", 4, True),
-    (("large", "purple", "square", "center"), "white", 5, True),
+    (("large", "red", "circle", "center"), "white", 0),
+    (("large", "blue", "square", "left"), "black", 1),
+    (("large", "yellow", "triangle", "right"), "gray", 2),
+    (("large", "white", "star", "center"), "black", 3),
+    (("large", "green", "circle", "right"), "pink", 4),
+    (("large", "purple", "square", "center"), "white", 5),
 ]
 
 
 def test_generates_the_prompted_background_colour_and_shape(pipe):
-    scenes = [shapes.make_scene(bg, [obj]) for obj, bg, _, _ in CASES]
+    scenes = [shapes.make_scene(bg, [obj]) for obj, bg, _ in CASES]
     prompts = [shapes.caption(s) for s in scenes]
-    gens = [torch.Generator().manual_seed(seed) for _, _, seed, _ in CASES]
+    gens = [torch.Generator().manual_seed(seed) for _, _, seed in CASES]
     out = pipe(prompts, num_inference_steps=25, guidance_scale=5.0, generator=gens, output_type="np").images
     assert out.shape == (len(CASES), 64, 64, 3)
     images = np.clip(np.round(out * 255), 0, 255).astype(np.uint8)
-    for (obj, bg, _, check_shape), img, prompt in zip(CASES, images, prompts):
+    for (obj, bg, _), img, prompt in zip(CASES, images, prompts):
         found = shapes.detect(img)
         assert found.background == bg, (prompt, found)
         assert len(found.objects) == 1, (prompt, found)
         assert found.objects[0].color == obj[1], (prompt, found)
-        if check_shape:
-            assert found.objects[0].shape == obj[2], (prompt, found)
+        assert found.objects[0].shape == obj[2], (prompt, found)
