@@ -35,10 +35,11 @@ from .rotations import Mode, Rotation
 
 
 #: Time of one element pass of a rotation in training (forward and backward), in multiply-adds
-#: of the frozen layer's matrix product.  Rotations move memory, matrix products compute:
-#: fitted to the layer-level training steps of ``benchmarks/bench_adapters.py`` (OFT b=32 and
-#: BOFT b=8 with 4 factors at widths 320-1280, 512-8192 tokens; 2 threads), where it ranges
-#: 200-400; the choice only flips near the break-even, where both paths cost the same.
+#: of the frozen layer's matrix product.  Rotations move memory, matrix products compute.  From
+#: the layer-level rows of ``benchmarks/bench_adapters.py`` (2 threads): about 220 for 4-factor
+#: BOFT at width 320 with 8192 tokens, 490 for OFT at width 1280 with 512 tokens (which also
+#: pays for its Cayley solves).  The choice only flips near the break-even, where both paths
+#: cost about the same, so a middle value serves.
 PASS_COST_IN_MACS = 300
 
 

@@ -7,7 +7,7 @@ is the DreamBooth "class".
 
 The layouts are coarse on purpose: the model's VAE maps 64x64 images to 16x16 latents, and
 fine textures (4-pixel checks, 3-pixel stripes) land far outside the latents the base model
-was trained on (its denoising loss on them was 5-25x its loss on ordinary scenes), where no
+was trained on (its denoising loss on them was 4-26x its loss on ordinary scenes), where no
 small adapter can reach them.
 
 Subject fidelity is measured classically: the colour composition of the generated object
@@ -30,7 +30,7 @@ from .shapes.scene import make_scene
 
 @dataclass(frozen=True)
 class Subject:
-    """A patterned shape.
+    """A two-colour shape.
 
     Attributes:
         name: folder name, e.g. ``"split-circle"``.
@@ -38,7 +38,8 @@ class Subject:
         shape: shape class (also the class noun).
         colors: the pattern's two RGB colours.
         pattern: ``"halves"`` (left / right), ``"bands"`` (top / bottom) or ``"stripes"``
-            (8-pixel horizontal stripes, the first colour across the centre), all relative to the object's centre.
+            (8-pixel horizontal stripes, the first colour across the centre), all laid out
+            around the object's centre.
     """
 
     name: str
