@@ -106,7 +106,8 @@ def render_subject(subject: Subject, position: str, background: str, size_word: 
     # The colour word only matters for plain rendering; the pattern replaces it.
     scene = make_scene(background, [(size_word, "red", subject.shape, position)])
     cov = coverage(scene)[0][..., None]
-    fill = np.where(pattern_mask(subject.pattern, scene.objects[0].center)[..., None], subject.colors[0], subject.colors[1]).astype(np.float32)
+    first = pattern_mask(subject.pattern, scene.objects[0].center)[..., None]
+    fill = np.where(first, subject.colors[0], subject.colors[1]).astype(np.float32)
     img = np.empty_like(fill)
     img[:] = world.BACKGROUNDS[background]
     img = img * (1 - cov) + cov * fill

@@ -138,6 +138,13 @@ class ButterflyCayleyRotation(Rotation):
         self.descending = descending
         stored = 1 if block_share else self.n_blocks
         self.generators = nn.Parameter(torch.zeros(n_factors, stored, n_packed(block_size)))
+        # Butterfly layouts as row indices, fixed by the shape: made once, not per call.
+        # order_e[p]: the coordinate in slot p of to_blocks' layout for exponent e (> 0);
+        # slot_e[c]: the slot holding coordinate c.
+        for e in range(1, n_factors):
+            order = to_blocks(torch.arange(dim), block_size, e).reshape(dim)
+            self.register_buffer(f"order_{e}", order, persistent=False)
+            self.register_buffer(f"slot_{e}", torch.argsort(order), persistent=False)
 
     def stride_exponent(self, k: int) -> int:
         """Factor ``k`` pairs half-blocks ``2^stride_exponent(k)`` apart."""
@@ -203,27 +210,25 @@ class ButterflyCayleyRotation(Rotation):
         ``bmm`` without copies, and the butterfly permutation between two factors is a single
         gather of whole rows (2-3x faster here than permuting rows twice per factor).
         """
-        order = None  # row p of ``cols`` holds coordinate order[p]; None: the natural order
+        layout = 0  # exponent whose block layout the rows are in (0: the natural order)
         for k in factors:
             exponent = self.stride_exponent(k)
-            want = self._block_order(exponent) if exponent else None
-            if order is None and want is not None:
-                cols = cols.index_select(0, want)
-            elif order is not None:
-                slot_of = torch.argsort(order)  # slot_of[c]: the row now holding coordinate c
-                cols = cols.index_select(0, slot_of if want is None else slot_of[want])
-            order = want
+            if exponent != layout:
+                cols = cols.index_select(0, self._regather(layout, exponent))
+                layout = exponent
             n = cols.shape[-1]
             slabs = cols.reshape(self.n_blocks, self.block_size, n)
             cols = torch.bmm(blocks[k].expand(self.n_blocks, -1, -1), slabs).reshape(self.dim, n)
-        if order is not None:
-            cols = cols.index_select(0, torch.argsort(order))
+        if layout:
+            cols = cols.index_select(0, self._regather(layout, 0))
         return cols
 
-    def _block_order(self, exponent: int) -> torch.Tensor:
-        """``(dim,)``: the coordinate in each slot of :func:`to_blocks`' layout for ``exponent``."""
-        device = self.generators.device
-        return to_blocks(torch.arange(self.dim, device=device), self.block_size, exponent).reshape(self.dim)
+    def _regather(self, source: int, target: int) -> torch.Tensor:
+        """``(dim,)`` row indices taking rows in the layout of exponent ``source`` to ``target``."""
+        if source == 0:
+            return getattr(self, f"order_{target}")
+        slot = getattr(self, f"slot_{source}")
+        return slot if target == 0 else slot[getattr(self, f"order_{target}")]
 
     def passes_per_vector(self) -> int:
         return self.n_factors * self.dim
