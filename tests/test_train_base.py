@@ -67,3 +67,32 @@ def test_tiny_training_runs_resumes_and_exports(tmp_path):
     latents = torch.load(work / "latents.pt")
     assert abs(latents["scaling_factor"] - scale) < 1e-6
     assert abs(float(latents["latents"].std()) - 1.0) < 1e-3
+
+
+def test_continuing_from_a_pipeline_keeps_its_vae_and_starts_from_its_weights(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    mod = _script()
+    first = tmp_path / "first"
+    mod.main(_args(first, tmp_path / "w1", 2))
+    unet_before = UNet2DConditionModel.from_pretrained(first / "unet")
+    second = tmp_path / "second"
+    mod.main(_args(second, tmp_path / "w2", 1) + ["--init_from", str(first), "--learning_rate", "0", "--no_ema"])
+    vae_cfg = [json.loads((d / "vae" / "config.json").read_text()) for d in (first, second)]
+    assert vae_cfg[0]["scaling_factor"] == vae_cfg[1]["scaling_factor"]
+    # With a zero learning rate the continued UNet is the starting one, not a fresh init.
+    unet_after = UNet2DConditionModel.from_pretrained(second / "unet")
+    for a, b in zip(unet_before.state_dict().values(), unet_after.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_high_noise_share_moves_that_share_of_timesteps_to_the_top():
+    from ortho_diffusion.base_training.trainer import BaseTrainer, TrainConfig
+
+    trainer = BaseTrainer.__new__(BaseTrainer)
+    trainer.cfg = TrainConfig(high_noise_share=0.25, high_noise_min_timestep=960)
+    t = trainer._timesteps(40000, 1000, torch.Generator().manual_seed(0))
+    share_high = float((t >= 960).float().mean())
+    # 25% drawn from [960, 1000) plus 4% of the uniform 75%: 0.25 + 0.75 * 0.04 = 0.28.
+    assert abs(share_high - 0.28) < 0.01
+    assert int(t.min()) >= 0 and int(t.max()) < 1000

@@ -59,6 +59,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                    help="always use --num_threads instead of re-measuring 1 vs N threads (see threads.py)")
     p.add_argument("--time_limit_minutes", type=float, default=None,
                    help="wall-clock cap of this invocation; phase 3 anneals and stops in time")
+    p.add_argument("--init_from", default=None,
+                   help="continue from this pipeline folder (its VAE, text encoder, UNet, tokenizer)")
+    p.add_argument("--high_noise_share", type=float, default=d.high_noise_share,
+                   help="share of timesteps drawn near pure noise, where layout words must be learnt")
+    p.add_argument("--high_noise_min_timestep", type=int, default=d.high_noise_min_timestep)
     a = p.parse_args(argv)
     kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(a, f.name)}
     kw["use_ema"] = not a.no_ema
