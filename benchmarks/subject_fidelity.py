@@ -9,7 +9,7 @@ preservation on, the same steps, batch and data for all) and measures, with the 
 shapes-world detector:
 
 * subject fidelity: colour composition of the generated object against the instance images
-  (histogram intersection, 0..1), and whether the object has the subject's shape;
+  (histogram intersection, 0..1), and whether the object's silhouette has the subject's shape;
 * prompt fidelity: for subject prompts, whether the requested background and position
   appear;
 * forgetting: the model's accuracy on ordinary prompts (shape, colour, background and
