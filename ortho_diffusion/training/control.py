@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--conditioning_image_column", type=str, default="conditioning_image")
     g.add_argument("--caption_column", type=str, default="text")
     g.add_argument("--max_train_samples", type=int, default=None)
+    g.add_argument("--high_noise_share", type=float, default=0.0,
+                   help="share of training timesteps drawn near pure noise, where the layout is decided "
+                        "and must come from the control map")
     g.add_argument("--proportion_empty_prompts", type=float, default=0.0,
                    help="fraction of captions replaced by the empty prompt while training")
     g.add_argument("--preprocess", type=str, default=None, choices=["canny", "landmarks"],
@@ -90,6 +93,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise TrainingError("give exactly one of --train_data_dir and --dataset_name")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         raise TrainingError("--proportion_empty_prompts must be in [0, 1]")
+    if not 0.0 <= args.high_noise_share <= 1.0:
+        raise TrainingError("--high_noise_share must be in [0, 1]")
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
         if getattr(args, name) < 1:
             raise TrainingError(f"--{name} must be at least 1")
@@ -288,7 +293,8 @@ def train(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
             captions = ["" if d else data.captions[i] for i, d in zip(idx.tolist(), drop.tolist())]
             cond = encode_prompts(pipe, captions, resolution)
         with control_images(pipe.unet, hints[idx].to(device)):
-            loss = denoising_loss(pipe.unet, pipe.scheduler, latents[idx].to(device), cond, g)
+            loss = denoising_loss(pipe.unet, pipe.scheduler, latents[idx].to(device), cond, g,
+                                  high_noise_share=args.high_noise_share)
         if args.method == "qgoft":
             loss = loss + inject.orthogonality_penalty(pipe).to(loss.device)
         return loss
