@@ -149,6 +149,12 @@ def evaluate(pipe, subject, reference, seeds: list[int], steps: int, guidance: f
     }
 
 
+def learning_rate(method: str, args) -> str:
+    """The learning rate ``method`` trains with in this run (flag default or override)."""
+    flags = METHOD_FLAGS[method]
+    return str(args.lr_overrides.get(method, flags[flags.index("--learning_rate") + 1]))
+
+
 def run_one(args, subject, method: str, seed: int, work: Path) -> tuple[dict, object]:
     flags = [
         "--pretrained_model_name_or_path", str(args.model),
@@ -167,6 +173,7 @@ def run_one(args, subject, method: str, seed: int, work: Path) -> tuple[dict, ob
         "--num_validation_images", "2",
         "--report_to", "none",
         *METHOD_FLAGS[method],
+        "--learning_rate", learning_rate(method, args),
     ]
     start = time.perf_counter()
     pipe, summary = train(build_parser().parse_args(flags))
@@ -188,9 +195,15 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--clip_model", default=None, help="local CLIP folder: adds CLIP-I and CLIP-T")
     p.add_argument("--dino_model", default=None, help="local DINO/ViT folder: adds DINO")
+    p.add_argument("--learning_rates", default="",
+                   help="per-method learning rates replacing the defaults, e.g. oft=1e-3,lora=3e-3")
     p.add_argument("--work_dir", default="outputs/bench-subjects")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
+    try:
+        args.lr_overrides = {k: float(v) for k, v in (kv.split("=") for kv in args.learning_rates.split(",") if kv)}
+    except ValueError:
+        p.error("--learning_rates takes method=rate pairs, e.g. oft=1e-3,lora=3e-3")
     if args.model is None:
         from ortho_diffusion.default_model import default_model_path
 
@@ -239,7 +252,8 @@ def write_results(out: Path, rows: list[dict], samples: dict, methods, subjects,
     lines = [
         f"Subject benchmark: {len(subjects)} subjects, {args.steps} steps at batch {args.batch} with prior preservation, "
         f"training seeds {args.seeds}, {args.eval_seeds} images per prompt, {args.sample_steps} sampling steps, "
-        f"guidance {args.guidance}. Means over subjects and seeds.",
+        f"guidance {args.guidance}. Means over subjects and seeds. Learning rates: "
+        + ", ".join(f"{m} {learning_rate(m, args)}" for m in methods) + ".",
         "",
         "| method | subject similarity | subject shape | background | position | ordinary prompts | forgetting | class drift | parameters | train s |",
         "|---|---|---|---|---|---|---|---|---|---|",
