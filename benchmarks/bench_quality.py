@@ -2,7 +2,7 @@
 """Prompt fidelity of the base model, measured by the shapes-world detector.
 
     python benchmarks/bench_quality.py [--model PATH] [--n_single 200] [--n_two 100]
-                                       [--guidance_scale 5.0] [--steps 25]
+                                       [--guidance_scale 3.0] [--steps 25]
 
 Generates one image per prompt (fixed seeds: prompt ``i`` uses generator seed ``i``), scores
 it with :func:`ortho_diffusion.shapes.detect`, and writes
@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 from diffusers import StableDiffusionPipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ortho_diffusion.default_model import default_model_path  # noqa: E402
+from ortho_diffusion.default_model import DEFAULT_GUIDANCE_SCALE, default_model_path  # noqa: E402
 from ortho_diffusion.shapes.fidelity import evaluate, image_grid, prompt_scenes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -42,7 +42,7 @@ def main() -> None:
     p.add_argument("--n_single", type=int, default=200)
     p.add_argument("--n_two", type=int, default=100)
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance_scale", type=float, default=5.0)
+    p.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
     p.add_argument("--batch_size", type=int, default=25)
     p.add_argument("--out_dir", default=str(RESULTS))
     p.add_argument("--prefix", default="base_model")

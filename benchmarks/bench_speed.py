@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from diffusers import StableDiffusionPipeline  # noqa: E402
 
-from ortho_diffusion.default_model import default_model_path  # noqa: E402
+from ortho_diffusion.default_model import DEFAULT_GUIDANCE_SCALE, default_model_path  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -30,7 +30,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance_scale", type=float, default=5.0)
+    p.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=str(RESULTS / "speed.md"))

@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 import ortho_diffusion as od  # noqa: E402
 from ortho_diffusion import shapes  # noqa: E402
 from ortho_diffusion.control import metrics  # noqa: E402
+from ortho_diffusion.default_model import DEFAULT_GUIDANCE_SCALE  # noqa: E402
 from ortho_diffusion.control.pipeline import enable_control  # noqa: E402
 from ortho_diffusion.control.preprocess import TASKS, shapes_control  # noqa: E402
 from ortho_diffusion.diffusion import load_pipeline  # noqa: E402
@@ -275,7 +276,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval_scenes", type=int, default=96)
     p.add_argument("--first_eval_seed", type=int, default=900_000)
     p.add_argument("--sample_steps", type=int, default=25)
-    p.add_argument("--guidance_scale", type=float, default=5.0)
+    p.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
     p.add_argument("--no_shipped", action="store_true", help="skip the shipped adapters")
     p.add_argument("--compare", action="store_true")
     p.add_argument("--compare_task", default="landmarks", choices=TASKS)

@@ -39,6 +39,7 @@ from PIL import Image  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ortho_diffusion.default_model import DEFAULT_GUIDANCE_SCALE  # noqa: E402
 from ortho_diffusion.diffusion import load_pipeline  # noqa: E402
 from ortho_diffusion.shapes import caption, detect, make_scene  # noqa: E402
 from ortho_diffusion.shapes.world import POSITION_PHRASES  # noqa: E402
@@ -192,7 +193,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--class_images", type=int, default=20)
     p.add_argument("--sample_steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE_SCALE)
     p.add_argument("--clip_model", default=None, help="local CLIP folder: adds CLIP-I and CLIP-T")
     p.add_argument("--dino_model", default=None, help="local DINO/ViT folder: adds DINO")
     p.add_argument("--learning_rates", default="",

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from .. import inject
+from ..default_model import DEFAULT_GUIDANCE_SCALE
 from ..diffusion import ModelFolderError, load_pipeline
 from ..formats.native import AdapterFileError, architecture_fingerprint, load_adapter
 from .integrations import NotAvailableError
@@ -70,7 +71,7 @@ class GenerateRequest:
     negative_prompt: str = ""
     seed: int = 0
     steps: int = 25
-    guidance: float = 5.0
+    guidance: float = DEFAULT_GUIDANCE_SCALE
     width: int = 64
     height: int = 64
     adapters: list[str] = field(default_factory=list)

@@ -22,6 +22,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
+from ..default_model import DEFAULT_GUIDANCE_SCALE
 from ..formats.native import AdapterFileError
 from . import integrations
 from .actions import CONTROL_TYPES, METHOD_HELP, PRESETS, USER_ERRORS, AppContext, TrainSettings
@@ -224,7 +225,7 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
                             with gr.Row():
                                 seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=2**32 - 1)
                                 steps = gr.Slider(1, lim.max_steps, value=25, step=1, label="Steps")
-                                guidance = gr.Slider(0.0, lim.max_guidance, value=5.0, step=0.5, label="Guidance")
+                                guidance = gr.Slider(0.0, lim.max_guidance, value=DEFAULT_GUIDANCE_SCALE, step=0.5, label="Guidance")
                             with gr.Row():
                                 width = gr.Slider(lim.size_step, lim.max_size, value=lim.native, step=lim.size_step, label="Width")
                                 height = gr.Slider(lim.size_step, lim.max_size, value=lim.native, step=lim.size_step, label="Height")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..default_model import DEFAULT_GUIDANCE_SCALE
 from .captions import caption
 from .detector import Detection, detect
 from .scene import Scene, scene_from_seed
@@ -61,7 +62,7 @@ class FidelityReport:
     per_image: list[dict[str, float]] = field(repr=False)
 
 
-def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 25, guidance_scale: float = 5.0,
+def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 25, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
              batch_size: int = 25) -> np.ndarray:
     """Images of ``prompts`` (one seed each), ``(N, H, W, 3)`` uint8, in batches."""
     import torch
@@ -75,7 +76,7 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 25, guidan
     return np.concatenate(out)
 
 
-def evaluate(pipe, scenes: list[Scene], steps: int = 25, guidance_scale: float = 5.0, seed_offset: int = 0,
+def evaluate(pipe, scenes: list[Scene], steps: int = 25, guidance_scale: float = DEFAULT_GUIDANCE_SCALE, seed_offset: int = 0,
              batch_size: int = 25) -> FidelityReport:
     """Generate one image per scene caption (seed ``seed_offset + i``) and score it."""
     prompts = [caption(s) for s in scenes]

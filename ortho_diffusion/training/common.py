@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from ..config import AdapterConfig
+from ..default_model import DEFAULT_GUIDANCE_SCALE
 
 
 class TrainingError(RuntimeError):
@@ -67,7 +68,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--num_validation_images", type=int, default=4)
     p.add_argument("--validation_steps", type=int, default=100)
     p.add_argument("--sample_steps", type=int, default=25, help="denoising steps of validation and samples")
-    p.add_argument("--guidance_scale", type=float, default=5.0)
+    p.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
     p.add_argument("--report_to", type=str, default="tensorboard", help='"tensorboard" (when installed) or "none"')
 
 
