@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--conditioning_image_column", type=str, default="conditioning_image")
     g.add_argument("--caption_column", type=str, default="text")
     g.add_argument("--max_train_samples", type=int, default=None)
+    g.add_argument("--encoder_lr_scale", type=float, default=1.0,
+                   help="learning rate of the control encoder = this x --learning_rate (its last layer "
+                        "starts at zero and must grow before the control map has any effect)")
     g.add_argument("--high_noise_share", type=float, default=0.0,
                    help="share of training timesteps drawn near pure noise, where the layout is decided "
                         "and must come from the control map")
@@ -93,6 +96,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise TrainingError("give exactly one of --train_data_dir and --dataset_name")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         raise TrainingError("--proportion_empty_prompts must be in [0, 1]")
+    if args.encoder_lr_scale <= 0:
+        raise TrainingError("--encoder_lr_scale must be positive")
     if not 0.0 <= args.high_noise_share <= 1.0:
         raise TrainingError("--high_noise_share must be in [0, 1]")
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
@@ -339,7 +344,10 @@ def train(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
             raise TrainingError(f"--init_adapter: {err}") from None
 
     trained = [pipe.unet] + ([] if text_frozen else [pipe.text_encoder])
-    result = train_loop(args, accelerator, params, compute_loss, write_adapter, restore, validate, trained)
+    encoder_params = pipe.unet.conv_in.adapter_modules[ADAPTER_NAME].parameters()
+    lr_scales = {id(p): args.encoder_lr_scale for p in encoder_params}
+    result = train_loop(args, accelerator, params, compute_loss, write_adapter, restore, validate, trained,
+                        lr_scales=lr_scales)
 
     summary: dict[str, Any] = {}
     if accelerator.is_main_process:

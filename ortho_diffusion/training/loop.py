@@ -80,6 +80,7 @@ def train_loop(
     restore_adapter: Callable[[Path], None],
     validate: Callable[[int], None] | None = None,
     modules_to_train: list[torch.nn.Module] = (),
+    lr_scales: dict[int, float] | None = None,
 ) -> LoopResult:
     """Run ``args.max_train_steps`` optimizer steps over ``params``.
 
@@ -89,12 +90,18 @@ def train_loop(
         restore_adapter: loads adapter values from a checkpoint's adapter file.
         validate: called on the main process every ``--validation_steps`` and at the end.
         modules_to_train: put in train mode while training (dropout etc.).
+        lr_scales: ``id(parameter) -> factor`` on ``--learning_rate`` for some parameters.
     """
     from diffusers.optimization import get_scheduler
 
     if args.max_train_steps < 1:
         raise TrainingError("--max_train_steps must be at least 1")
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=1e-2)
+    scales = lr_scales or {}
+    by_scale: dict[float, list[torch.nn.Parameter]] = {}
+    for p in params:
+        by_scale.setdefault(scales.get(id(p), 1.0), []).append(p)
+    groups = [{"params": ps, "lr": args.learning_rate * s} for s, ps in by_scale.items()]
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=1e-2)
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
