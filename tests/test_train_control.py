@@ -180,3 +180,21 @@ def test_two_process_launch_trains_one_model(models, data, tmp_path):
     pipe = load_pipeline(models / "sd15")
     od.load_adapter(pipe, out / "adapter.safetensors")
     assert torch.isfinite(AdapterFile(out / "adapter.safetensors").tensors["control/zero_conv.weight"]).all()
+
+
+def test_encoder_learning_rate_scale(models, data, tmp_path):
+    """After one AdamW step every parameter with a gradient moves by about its learning rate:
+    the zero-initialised last encoder layer by lr x scale, the rotation generators by lr."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "scaled"
+    assert train(base_args(models / "sd15", data, out, steps=1, learning_rate=1e-3, encoder_lr_scale=10,
+                           lr_warmup_steps=0, validation_steps=0)) == 0
+    tensors = load_file(str(out / "adapter.safetensors"))
+    zero_conv = tensors["control/zero_conv.bias"].abs()
+    assert 9e-3 < float(zero_conv.max()) < 1.1e-2
+    generators = [t.abs().max() for k, t in tensors.items() if not k.startswith("control/")]
+    assert generators and 9e-4 < float(max(generators)) < 1.1e-3
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--encoder_lr_scale", "x"])
+    assert train(base_args(models / "sd15", data, tmp_path / "bad", encoder_lr_scale=0)) != 0
