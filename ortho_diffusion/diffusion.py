@@ -105,10 +105,11 @@ def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
 
 
 def sample_timesteps(
-    b: int, n_train: int, generator: torch.Generator, high_noise_share: float = 0.0, high_noise_from: float = 0.96
+    b: int, n_train: int, generator: torch.Generator, high_noise_share: float = 0.0, high_noise_from: int | None = None
 ) -> torch.Tensor:
     """``(b,)`` int64 training timesteps in ``[0, n_train)``: uniform, except that a
-    ``high_noise_share`` of them is drawn from the top ``1 - high_noise_from`` of the range.
+    ``high_noise_share`` of them is drawn from ``[high_noise_from, n_train)`` (default: the
+    top 4% of the range, t >= 960 of 1000).
 
     Why: where the noisy latent still shows the layout, a model learns to read it from there;
     only near pure noise must the layout come from the conditioning (prompt words, control
@@ -116,7 +117,8 @@ def sample_timesteps(
     """
     t = torch.randint(0, n_train, (b,), generator=generator)
     if high_noise_share > 0:
-        high = torch.randint(int(high_noise_from * n_train), n_train, (b,), generator=generator)
+        start = high_noise_from if high_noise_from is not None else int(0.96 * n_train)
+        high = torch.randint(start, n_train, (b,), generator=generator)
         t = torch.where(torch.rand(b, generator=generator) < high_noise_share, high, t)
     return t
 

@@ -4,7 +4,6 @@ No timing assertions: the point is that every adapter of every library builds, t
 is profiled and lands in the report.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -13,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 pytest.importorskip("peft")
 pytest.importorskip("lycoris")
@@ -21,12 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_adapters.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_adapters", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the script loads
-    spec.loader.exec_module(module)
-    return module
+def load_bench():
+    return load_script("benchmarks/bench_adapters.py")
 
 
 def positive(x) -> bool:
@@ -55,7 +51,7 @@ def test_machine_and_versions_are_printed(quick_run):
 
 def test_every_layer_row_is_in_json_and_table(quick_run):
     out, _ = quick_run
-    bench = load_script()
+    bench = load_bench()
     settings = bench.make_settings(bench.argparse.Namespace(
         quick=True, repeats=None, warmup=None, widths=None, skip_unet=False, only=None,
     ))

@@ -4,24 +4,18 @@ from the last checkpoint instead of starting over."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-SCRIPT = Path(__file__).resolve().parents[1] / "training" / "train_base.py"
+from conftest import load_script  # noqa: E402
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("train_base", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("training/train_base.py")
 
 
 def _args(out, work, steps):

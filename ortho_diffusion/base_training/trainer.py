@@ -304,7 +304,7 @@ class BaseTrainer:
 
     def _timesteps(self, b: int, n_train: int, gen: torch.Generator) -> torch.Tensor:
         """``(b,)`` int64 training timesteps (:func:`ortho_diffusion.diffusion.sample_timesteps`)."""
-        return sample_timesteps(b, n_train, gen, self.cfg.high_noise_share, self.cfg.high_noise_min_timestep / n_train)
+        return sample_timesteps(b, n_train, gen, self.cfg.high_noise_share, self.cfg.high_noise_min_timestep)
 
     def train_diffusion(self, latents: torch.Tensor, data: ShapesData):
         """Train UNet + text encoder; returns them (EMA weights when EMA is on)."""

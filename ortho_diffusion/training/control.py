@@ -270,7 +270,8 @@ def train(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     else:
         params = inject.adapter_parameters(pipe)
     n_params = sum(p.numel() for p in params)
-    n_encoder = sum(p.numel() for p in pipe.unet.conv_in.adapter_modules[ADAPTER_NAME].parameters())
+    encoder = pipe.unet.conv_in.adapter_modules[ADAPTER_NAME]
+    n_encoder = sum(p.numel() for p in encoder.parameters())
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -344,8 +345,7 @@ def train(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
             raise TrainingError(f"--init_adapter: {err}") from None
 
     trained = [pipe.unet] + ([] if text_frozen else [pipe.text_encoder])
-    encoder_params = pipe.unet.conv_in.adapter_modules[ADAPTER_NAME].parameters()
-    lr_scales = {id(p): args.encoder_lr_scale for p in encoder_params}
+    lr_scales = {id(p): args.encoder_lr_scale for p in encoder.parameters()}
     result = train_loop(args, accelerator, params, compute_loss, write_adapter, restore, validate, trained,
                         lr_scales=lr_scales)
 
