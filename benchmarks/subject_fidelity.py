@@ -3,6 +3,10 @@
 
     .venv/bin/python benchmarks/subject_fidelity.py            # default model, all methods
     .venv/bin/python benchmarks/subject_fidelity.py --steps 200 --methods oft,lora --subjects split-circle
+    .venv/bin/python benchmarks/subject_fidelity.py --methods oft@3e-4,oft@1e-3,lora@1e-3 --seeds 0,1
+
+A method may carry its learning rate (``oft@1e-3``); the same method at several rates is a
+learning-rate sweep, one row per rate.
 
 For every (subject, method, seed) it trains with the project's DreamBooth code (prior
 preservation on, the same steps, batch and data for all) and measures, with the classical
@@ -17,7 +21,8 @@ shapes-world detector:
   subject's look leaks into images of its class prompt (similarity after minus before).
 
 Writes ``benchmarks/results/subject_fidelity.md`` (table), ``subject_fidelity.json`` and
-``subject_fidelity.png`` (one sample row per method and subject).
+``subject_fidelity.png`` (one sample row per method and subject), rewritten after every run
+(seeds outermost), so an interrupted sweep keeps every finished run.
 """
 
 from __future__ import annotations
@@ -99,10 +104,14 @@ def class_prompts(subject) -> list[str]:
     return [f"a large {subject.shape} {POSITION_PHRASES[p]}, on a {b} background" for p, b in [("center", "black"), ("left", "gray")]]
 
 
-def ordinary_accuracy(images: list[np.ndarray]) -> float:
-    """Fraction of ordinary-prompt images with shape, colour, background and position right."""
+def ordinary_accuracy(images: list[np.ndarray], per_prompt: int = 1) -> float:
+    """Fraction of ordinary-prompt images with shape, colour, background and position right.
+
+    ``images``: ``per_prompt`` consecutive images for each entry of :data:`ORDINARY`.
+    """
     ok = 0
-    for img, (size, color, shape, pos, bg) in zip(images, ORDINARY):
+    expected = [spec for spec in ORDINARY for _ in range(per_prompt)]
+    for img, (size, color, shape, pos, bg) in zip(images, expected, strict=True):
         d = detect(img, max_objects=1)
         o = d.objects[0] if d.objects else None
         ok += bool(o and o.shape == shape and o.color == color and o.position == pos and d.background == bg)
@@ -128,7 +137,8 @@ def evaluate(pipe, subject, reference, seeds: list[int], steps: int, guidance: f
     bg_ok = [d.background == bg for d, (bg, _) in zip(dets, expected)]
     pos_ok = [bool(d.objects) and d.objects[0].position == pos for d, (_, pos) in zip(dets, expected)]
     ordinary_prompts = [caption(make_scene(bg, [(size, color, shape, pos)])) for size, color, shape, pos, bg in ORDINARY]
-    ord_imgs = generate(pipe, ordinary_prompts, [0] * len(ordinary_prompts), steps, guidance)
+    ord_imgs = generate(pipe, [p for p in ordinary_prompts for _ in seeds], [s for _ in ordinary_prompts for s in seeds],
+                        steps, guidance)
     cls = class_prompts(subject)
     cls_imgs = generate(pipe, [c for c in cls for _ in seeds], [s for _ in cls for s in seeds], steps, guidance)
     paper = {}
@@ -144,19 +154,29 @@ def evaluate(pipe, subject, reference, seeds: list[int], steps: int, guidance: f
         "subject_shape": float(np.mean(shapes_ok)),
         "prompt_background": float(np.mean(bg_ok)),
         "prompt_position": float(np.mean(pos_ok)),
-        "ordinary_accuracy": ordinary_accuracy(ord_imgs),
+        "ordinary_accuracy": ordinary_accuracy(ord_imgs, len(seeds)),
         "class_similarity": float(np.mean([subject_similarity(i, subject, reference) for i in cls_imgs])),
         "samples": sub_imgs[: len(seeds) * 3 : len(seeds)],
     }
 
 
-def learning_rate(method: str, args) -> str:
-    """The learning rate ``method`` trains with in this run (flag default or override)."""
-    flags = METHOD_FLAGS[method]
-    return str(args.lr_overrides.get(method, flags[flags.index("--learning_rate") + 1]))
+def parse_variant(text: str) -> tuple[str, str]:
+    """``"oft@1e-3"`` -> ``("oft", "1e-3")``; ``"oft"`` -> ``("oft", <METHOD_FLAGS' rate>)``."""
+    method, _, rate = text.partition("@")
+    if method not in METHOD_FLAGS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHOD_FLAGS)}")
+    if not rate:
+        flags = METHOD_FLAGS[method]
+        rate = flags[flags.index("--learning_rate") + 1]
+    float(rate)  # a clear ValueError for a malformed rate
+    return method, rate
 
 
-def run_one(args, subject, method: str, seed: int, work: Path) -> tuple[dict, object]:
+def variant_label(method: str, rate: str) -> str:
+    return f"{method} @ {rate}"
+
+
+def run_one(args, subject, method: str, rate: str, seed: int, work: Path) -> tuple[dict, object]:
     flags = [
         "--pretrained_model_name_or_path", str(args.model),
         "--instance_data_dir", str(subjects_root() / subject.name),
@@ -165,7 +185,7 @@ def run_one(args, subject, method: str, seed: int, work: Path) -> tuple[dict, ob
         "--class_data_dir", str(work / "class" / subject.name),
         "--class_prompt", subject.class_prompt,
         "--num_class_images", str(args.class_images),
-        "--output_dir", str(work / f"{subject.name}-{method}-{seed}"),
+        "--output_dir", str(work / f"{subject.name}-{method}-{rate}-{seed}"),
         "--max_train_steps", str(args.steps),
         "--train_batch_size", str(args.batch),
         "--seed", str(seed),
@@ -174,7 +194,7 @@ def run_one(args, subject, method: str, seed: int, work: Path) -> tuple[dict, ob
         "--num_validation_images", "2",
         "--report_to", "none",
         *METHOD_FLAGS[method],
-        "--learning_rate", learning_rate(method, args),
+        "--learning_rate", rate,
     ]
     start = time.perf_counter()
     pipe, summary = train(build_parser().parse_args(flags))
@@ -185,7 +205,8 @@ def run_one(args, subject, method: str, seed: int, work: Path) -> tuple[dict, ob
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
-    p.add_argument("--methods", default=",".join(METHOD_FLAGS))
+    p.add_argument("--methods", default=",".join(METHOD_FLAGS),
+                   help="methods, each optionally with its learning rate: oft,oft@1e-3,lora@3e-3")
     p.add_argument("--subjects", default=",".join(s.name for s in SUBJECTS))
     p.add_argument("--seeds", default="0", help="training seeds, comma-separated")
     p.add_argument("--eval_seeds", type=int, default=2, help="images per prompt")
@@ -196,20 +217,17 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE_SCALE)
     p.add_argument("--clip_model", default=None, help="local CLIP folder: adds CLIP-I and CLIP-T")
     p.add_argument("--dino_model", default=None, help="local DINO/ViT folder: adds DINO")
-    p.add_argument("--learning_rates", default="",
-                   help="per-method learning rates replacing the defaults, e.g. oft=1e-3,lora=3e-3")
     p.add_argument("--work_dir", default="outputs/bench-subjects")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     try:
-        args.lr_overrides = {k: float(v) for k, v in (kv.split("=") for kv in args.learning_rates.split(",") if kv)}
-    except ValueError:
-        p.error("--learning_rates takes method=rate pairs, e.g. oft=1e-3,lora=3e-3")
+        variants = [parse_variant(v) for v in args.methods.split(",") if v]
+    except ValueError as e:
+        p.error(str(e))
     if args.model is None:
         from ortho_diffusion.default_model import default_model_path
 
         args.model = default_model_path()
-    methods = args.methods.split(",")
     subjects = [s for s in SUBJECTS if s.name in args.subjects.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     eval_seeds = list(range(100, 100 + args.eval_seeds))
@@ -223,29 +241,34 @@ def main(argv=None) -> int:
         DinoScorer(args.dino_model) if args.dino_model else None,
     )
     base = load_pipeline(args.model)
-    rows, samples = [], {}
+    labels = [variant_label(m, r) for m, r in variants]
+    rows, samples, base_metrics = [], {}, {}
     for subject in subjects:
         reference = reference_composition(subject)
-        base_metrics = evaluate(base, subject, reference, eval_seeds, args.sample_steps, args.guidance, scorers)
-        samples[(subject.name, "base")] = base_metrics.pop("samples")
-        rows.append({"subject": subject.name, "method": "base", **base_metrics, "parameters": 0})
-        for method in methods:
-            for seed in seeds:
-                summary, pipe = run_one(args, subject, method, seed, work)
+        base_metrics[subject.name] = evaluate(base, subject, reference, eval_seeds, args.sample_steps, args.guidance, scorers)
+        samples[(subject.name, "base")] = base_metrics[subject.name].pop("samples")
+        rows.append({"subject": subject.name, "method": "base", **base_metrics[subject.name], "parameters": 0})
+    # Seeds outermost: an interrupted sweep still has whole seeds over every subject and method.
+    for seed in seeds:
+        for subject in subjects:
+            reference = reference_composition(subject)
+            before = base_metrics[subject.name]
+            for (method, rate), label in zip(variants, labels):
+                summary, pipe = run_one(args, subject, method, rate, seed, work)
                 m = evaluate(pipe, subject, reference, eval_seeds, args.sample_steps, args.guidance, scorers)
-                samples[(subject.name, method)] = m.pop("samples")
-                m["forgetting"] = base_metrics["ordinary_accuracy"] - m["ordinary_accuracy"]
-                m["class_drift"] = m["class_similarity"] - base_metrics["class_similarity"]
+                samples[(subject.name, label)] = m.pop("samples")
+                m["forgetting"] = before["ordinary_accuracy"] - m["ordinary_accuracy"]
+                m["class_drift"] = m["class_similarity"] - before["class_similarity"]
                 rows.append({
-                    "subject": subject.name, "method": method, "seed": seed, **m,
+                    "subject": subject.name, "method": label, "learning_rate": float(rate), "seed": seed, **m,
                     "parameters": summary["trainable_parameters"], "train_seconds": round(summary["train_seconds"], 1),
                 })
-                print(json.dumps(rows[-1]))
-    write_results(Path(args.results), rows, samples, methods, subjects, args)
+                print(json.dumps(rows[-1]), flush=True)
+                write_results(Path(args.results), rows, samples, labels, subjects, args)
     return 0
 
 
-def write_results(out: Path, rows: list[dict], samples: dict, methods, subjects, args) -> None:
+def write_results(out: Path, rows: list[dict], samples: dict, methods: list[str], subjects, args) -> None:
     """Markdown table (means over subjects and seeds), JSON rows and a sample grid."""
     out.mkdir(parents=True, exist_ok=True)
     cols = ["subject_similarity", "subject_shape", "prompt_background", "prompt_position", "ordinary_accuracy",
@@ -253,11 +276,11 @@ def write_results(out: Path, rows: list[dict], samples: dict, methods, subjects,
     lines = [
         f"Subject benchmark: {len(subjects)} subjects, {args.steps} steps at batch {args.batch} with prior preservation, "
         f"training seeds {args.seeds}, {args.eval_seeds} images per prompt, {args.sample_steps} sampling steps, "
-        f"guidance {args.guidance}. Means over subjects and seeds. Learning rates: "
-        + ", ".join(f"{m} {learning_rate(m, args)}" for m in methods) + ".",
+        f"guidance {args.guidance}. Means over subjects and finished seeds; ordinary prompts: "
+        f"{len(ORDINARY)} prompts x {args.eval_seeds} images.",
         "",
-        "| method | subject similarity | subject shape | background | position | ordinary prompts | forgetting | class drift | parameters | train s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method @ learning rate | runs | subject similarity | subject shape | background | position | ordinary prompts | forgetting | class drift | parameters | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     extra_lines: list[str] = []
     for method in ["base", *methods]:
@@ -273,7 +296,7 @@ def write_results(out: Path, rows: list[dict], samples: dict, methods, subjects,
         if paper:
             extra_lines.append(f"- {method}: {paper}")
         lines.append(
-            f"| {method} | {mean['subject_similarity']:.3f} | {mean['subject_shape']:.0%} | "
+            f"| {method} | {len(sel)} | {mean['subject_similarity']:.3f} | {mean['subject_shape']:.0%} | "
             f"{mean['prompt_background']:.0%} | {mean['prompt_position']:.0%} | {mean['ordinary_accuracy']:.0%} | "
             f"{forgetting} | {drift} | {int(mean['parameters']):,} | {seconds} |"
         )

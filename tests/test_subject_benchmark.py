@@ -1,14 +1,34 @@
-"""The subject benchmark's learning-rate overrides (its full run is a benchmark, not a test)."""
+"""The subject benchmark's method@rate variants and ordinary-prompt scoring (its full run is a
+benchmark, not a test)."""
 
 from __future__ import annotations
 
-from argparse import Namespace
-
+import pytest
 from conftest import load_script
 
+from ortho_diffusion.shapes import make_scene, render
 
-def test_learning_rate_defaults_and_overrides():
+
+def test_variants_carry_their_learning_rate():
     mod = load_script("benchmarks/subject_fidelity.py")
-    args = Namespace(lr_overrides={"oft": 1e-3})
-    assert mod.learning_rate("oft", args) == "0.001"
-    assert mod.learning_rate("lora", args) == "1e-3"  # the default of METHOD_FLAGS
+    assert mod.parse_variant("oft@1e-3") == ("oft", "1e-3")
+    default = mod.METHOD_FLAGS["lora"][mod.METHOD_FLAGS["lora"].index("--learning_rate") + 1]
+    assert mod.parse_variant("lora") == ("lora", default)
+    with pytest.raises(ValueError, match="unknown method"):
+        mod.parse_variant("dora@1e-3")
+    with pytest.raises(ValueError):
+        mod.parse_variant("oft@fast")
+
+
+def test_ordinary_accuracy_counts_every_image_of_every_prompt():
+    mod = load_script("benchmarks/subject_fidelity.py")
+    # Ground-truth renders of the ordinary prompts are all right; swapping two prompts' images
+    # makes exactly those images wrong.
+    images = [render(make_scene(bg, [(size, color, shape, pos)])) for size, color, shape, pos, bg in mod.ORDINARY]
+    two_each = [img for img in images for _ in range(2)]
+    assert mod.ordinary_accuracy(two_each, per_prompt=2) == 1.0
+    swapped = list(two_each)
+    swapped[0], swapped[2] = swapped[2], swapped[0]
+    assert mod.ordinary_accuracy(swapped, per_prompt=2) == pytest.approx(1 - 2 / len(two_each))
+    with pytest.raises(ValueError):
+        mod.ordinary_accuracy(two_each[:-1], per_prompt=2)

@@ -103,10 +103,27 @@ class ControlEncoder(nn.Module):
             layers += [nn.Conv2d(c[i], c[i], 3, padding=1), nn.SiLU()]
             layers += [nn.Conv2d(c[i], c[i + 1], 3, padding=1, stride=stride), nn.SiLU()]
         self.body = nn.Sequential(*layers)
+        self._init_body()
         self.zero_conv = nn.Conv2d(c[-1], config.out_channels, 3, padding=1)
         # Zero output at initialisation: training starts exactly at the base model.
         nn.init.zeros_(self.zero_conv.weight)
         nn.init.zeros_(self.zero_conv.bias)
+
+    def _init_body(self) -> None:
+        # PyTorch's default convolution init shrinks activations at every layer; on a sparse
+        # map (Canny edges: 3% white) seven of them leave spatial features ~1e-3 in size, and
+        # the zero convolution then learns from almost nothing (measured: the shipped encoders
+        # barely lowered the loss after 400 steps).  He init keeps the size through the SiLUs,
+        # and the first layer reads the map as if centred to [-1, 1] (W' = 2W, b' = -sum W), so
+        # a black background is a signal rather than zeros.  Only the initial values change.
+        convs = [m for m in self.body if isinstance(m, nn.Conv2d)]
+        for conv in convs:
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+        first = convs[0]
+        with torch.no_grad():
+            first.bias.copy_(-first.weight.sum(dim=(1, 2, 3)))
+            first.weight.mul_(2.0)
 
     def forward(self, hint: torch.Tensor) -> torch.Tensor:
         """``(B, C_in, H, W)`` in [0, 1] -> ``(B, out_channels, H / f, W / f)``."""
