@@ -219,6 +219,8 @@ def main(argv=None) -> int:
     p.add_argument("--dino_model", default=None, help="local DINO/ViT folder: adds DINO")
     p.add_argument("--work_dir", default="outputs/bench-subjects")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--resume", action="store_true",
+                   help="keep the finished runs in <results>/subject_fidelity.json and do only the others")
     args = p.parse_args(argv)
     try:
         variants = [parse_variant(v) for v in args.methods.split(",") if v]
@@ -243,17 +245,22 @@ def main(argv=None) -> int:
     base = load_pipeline(args.model)
     labels = [variant_label(m, r) for m, r in variants]
     rows, samples, base_metrics = [], {}, {}
+    done = previous_runs(Path(args.results)) if args.resume else []
     for subject in subjects:
         reference = reference_composition(subject)
         base_metrics[subject.name] = evaluate(base, subject, reference, eval_seeds, args.sample_steps, args.guidance, scorers)
         samples[(subject.name, "base")] = base_metrics[subject.name].pop("samples")
         rows.append({"subject": subject.name, "method": "base", **base_metrics[subject.name], "parameters": 0})
+    rows += done
+    finished = {(r["subject"], r["method"], r["seed"]) for r in done}
     # Seeds outermost: an interrupted sweep still has whole seeds over every subject and method.
     for seed in seeds:
         for subject in subjects:
             reference = reference_composition(subject)
             before = base_metrics[subject.name]
             for (method, rate), label in zip(variants, labels):
+                if (subject.name, label, seed) in finished:
+                    continue
                 summary, pipe = run_one(args, subject, method, rate, seed, work)
                 m = evaluate(pipe, subject, reference, eval_seeds, args.sample_steps, args.guidance, scorers)
                 samples[(subject.name, label)] = m.pop("samples")
@@ -266,6 +273,18 @@ def main(argv=None) -> int:
                 print(json.dumps(rows[-1]), flush=True)
                 write_results(Path(args.results), rows, samples, labels, subjects, args)
     return 0
+
+
+def previous_runs(out: Path) -> list[dict]:
+    """The trained rows of an earlier (interrupted) run's ``subject_fidelity.json``."""
+    path = out / "subject_fidelity.json"
+    if not path.is_file():
+        return []
+    try:
+        rows = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: cannot resume from {path}: {e}") from None
+    return [r for r in rows if r.get("method") != "base"]
 
 
 def write_results(out: Path, rows: list[dict], samples: dict, methods: list[str], subjects, args) -> None:

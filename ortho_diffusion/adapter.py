@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import AdapterConfig
-from .rotations import Mode, Rotation
+from .rotations import Mode, Rotation, block_rotated_linear, compute_dtype
 
 
 #: Time of one element pass of a rotation in training (forward and backward), in multiply-adds
@@ -218,6 +218,10 @@ class OrthogonalAdapter(nn.Module):
         ``rows * p``.  In training, the weight-centric path also needs the full weight
         gradient, ``N * d_in * d_out`` multiply-adds, which input-centric avoids; one element
         pass (forward and backward) costs about :data:`PASS_COST_IN_MACS` of those.
+        Except where :meth:`_closed_form` applies: there the weight-centric path gets its
+        gradients without the full weight gradient, for the price of input-centric's backward
+        passes (two thirds of a pass per vector), so it wins whenever ``d_out`` is below the
+        number of tokens.
         """
         if self.compute != "auto":
             return self.compute
@@ -233,8 +237,23 @@ class OrthogonalAdapter(nn.Module):
         training = torch.is_grad_enabled() and any(p.requires_grad for p in self.rotations.parameters())
         if training:
             input_centric *= PASS_COST_IN_MACS
-            weight_centric = PASS_COST_IN_MACS * weight_centric + n * self.in_dim * self.out_dim
+            if self._closed_form(active):
+                weight_centric = PASS_COST_IN_MACS * (weight_centric + 2 * n * p_in) / 3
+            else:
+                weight_centric = PASS_COST_IN_MACS * weight_centric + n * self.in_dim * self.out_dim
         return "input-centric" if input_centric <= weight_centric else "weight-centric"
+
+    def _closed_form(self, active: list[_Active]) -> bool:
+        """Whether the weight-centric path can use
+        :func:`~ortho_diffusion.rotations.block_rotated_linear`: a Linear layer with a frozen
+        weight and one active adapter, on the input side, whose rotation is block-diagonal."""
+        return (
+            not self.is_conv
+            and not self.base_layer.weight.requires_grad
+            and len(active) == 1
+            and active[0].side == "input"
+            and active[0].rotation.is_block_diagonal
+        )
 
     def _run_layer(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.is_conv:
@@ -277,6 +296,14 @@ class OrthogonalAdapter(nn.Module):
             path = "weight-centric"  # F.unfold takes no "same"/"valid" padding
         bias = self.base_layer.bias
         if path == "weight-centric":
+            if self._closed_form(active):
+                a = active[0]
+                blocks = a.rotation.block_diagonal(a.scale, compute_dtype(next(a.rotation.parameters()).dtype, x.dtype))
+                y = block_rotated_linear(x, self.base_layer.weight, blocks)
+                magnitude = self._total_magnitude(active, y.dtype)
+                if magnitude is not None:
+                    y = y * magnitude
+                return y if bias is None else y + bias
             w = self.transform_weight(self._flat_weight().to(torch.promote_types(x.dtype, torch.float32)), active)
             return self._run_layer(x, w.to(self.base_layer.weight.dtype), bias)
 

@@ -160,12 +160,60 @@ def test_half_precision_base_layers(dtype):
     assert a.rotations["a"].generators.grad is not None and torch.isfinite(a.rotations["a"].generators.grad).all()
 
 
+@pytest.mark.parametrize("kw", [{"method": "oft"}, {"method": "oftv2"}, {"method": "oft", "block_share": True},
+                                {"method": "oft", "rescale": True}])
+def test_weight_centric_training_gradients_match_input_centric(kw):
+    # OFT on a Linear layer trains weight-centric without the full weight gradient
+    # (closed-form block gradients); values and gradients must equal the input-centric path.
+    layer, x = layers()["linear"]
+    layer.requires_grad_(False)  # frozen, as od.attach leaves it
+    a = adapted(layer, kw["method"], **{k: v for k, v in kw.items() if k != "method"})
+    assert a._closed_form(a._active())
+    a.set_scale(0.7)
+    params = list(a.rotations.parameters()) + list(a.magnitudes.parameters())
+    results = {}
+    for path in ("input-centric", "weight-centric"):
+        a.compute = path
+        xx = x.clone().requires_grad_(True)
+        out = a(xx)
+        grads = torch.autograd.grad(out.square().sum(), [xx, *params])
+        results[path] = (out.detach(), grads)
+    (y_in, g_in), (y_w, g_w) = results["input-centric"], results["weight-centric"]
+    torch.testing.assert_close(y_w, y_in, atol=1e-5, rtol=1e-5)
+    for gw, gi in zip(g_w, g_in):
+        torch.testing.assert_close(gw, gi, atol=1e-4, rtol=1e-4)
+
+
+def test_closed_form_applies_only_where_exact():
+    def frozen(layer):
+        return layer.requires_grad_(False)
+
+    lin = OrthogonalAdapter(frozen(nn.Linear(16, 8)), "a", config("oft"))
+    assert lin._closed_form(lin._active())
+    for other in (OrthogonalAdapter(frozen(nn.Linear(16, 8)), "a", config("boft")),  # several factors
+                  OrthogonalAdapter(frozen(nn.Linear(16, 8)), "a", config("goft")),
+                  OrthogonalAdapter(frozen(nn.Linear(8, 16)), "a", config("oft", side="output")),
+                  OrthogonalAdapter(frozen(nn.Conv2d(16, 8, 1)), "a", config("oft"))):
+        assert not other._closed_form(other._active())
+    two = OrthogonalAdapter(frozen(nn.Linear(16, 8)), "a", config("oft"))
+    two.add_adapter("b", config("oft"))
+    assert not two._closed_form(two._active())
+    lin.base_layer.weight.requires_grad_(True)  # a trainable base weight needs its own gradient
+    assert not lin._closed_form(lin._active())
+
+
 def test_auto_follows_the_measured_regimes():
     # Measured (benchmarks/bench_adapters.py): in training, OFT at width 1280 with 512 tokens
     # is fastest input-centric; 4-factor BOFT at width 320 with 8192 tokens, weight-centric
     # (its element passes over 8192 tokens cost more than one weight-gradient product).
     wide = OrthogonalAdapter(nn.Linear(1280, 1280), "a", AdapterConfig(method="oft", block_size=32))
+    wide.base_layer.requires_grad_(False)
     assert wide.choose_compute(torch.empty(512, 1280), wide._active()) == "input-centric"
+    # With closed-form gradients, rotating the weight wins once the tokens outnumber its rows.
+    narrow = OrthogonalAdapter(nn.Linear(320, 320), "a", AdapterConfig(method="oft", block_size=32))
+    narrow.base_layer.requires_grad_(False)
+    assert narrow.choose_compute(torch.empty(8192, 320), narrow._active()) == "weight-centric"
+    assert narrow.choose_compute(torch.empty(154, 320), narrow._active()) == "input-centric"
     boft = OrthogonalAdapter(nn.Linear(320, 320), "a", AdapterConfig(method="boft", block_size=8, n_factors=4))
     assert boft.choose_compute(torch.empty(8192, 320), boft._active()) == "weight-centric"
     # Inference has no weight gradient: rotate whichever is smaller, the tokens or the rows.

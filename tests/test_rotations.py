@@ -209,3 +209,17 @@ def test_float64_parameters_compute_in_float64():
     r = make("oft").double()
     randomize(r.parameters(), std=0.2)
     assert orthogonality_error(r, dtype=torch.float64) < 1e-13
+
+
+def test_block_rotated_linear_values_gradients_and_shape_errors():
+    from ortho_diffusion.rotations import block_rotated_linear
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 12, dtype=torch.float64, generator=g)
+    blocks = torch.randn(3, 4, 4, dtype=torch.float64, generator=g, requires_grad=True)  # any blocks, not only rotations
+    x = torch.randn(2, 5, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    dense = torch.block_diag(*blocks.detach())
+    torch.testing.assert_close(block_rotated_linear(x, w, blocks), x.detach() @ dense.T @ w.T)
+    assert torch.autograd.gradcheck(lambda x, b: block_rotated_linear(x, w, b), (x, blocks), eps=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="do not tile"):
+        block_rotated_linear(x, w, blocks[:2])

@@ -1,6 +1,7 @@
 """Orthogonal parameterizations: pure tensor maths, no knowledge of diffusers."""
 
 from .base import Mode, Rotation, compute_dtype, project_norm
+from .block_linear import block_rotated_linear
 from .butterfly import ButterflyCayleyRotation, butterfly_error, default_block_size, max_factors, valid_layouts
 from .cayley import cayley, cayley_neumann, pack_skew, unpack_skew
 from .givens import GivensRotation, givens_stages
@@ -10,6 +11,7 @@ __all__ = [
     "Rotation",
     "ButterflyCayleyRotation",
     "GivensRotation",
+    "block_rotated_linear",
     "butterfly_error",
     "cayley",
     "cayley_neumann",

@@ -95,6 +95,17 @@ class Rotation(nn.Module):
         # Rows of apply(I, transpose) are R^T e_i, i.e. the rows of R.
         return self.apply(eye, scale, n_active_factors, Mode.TRANSPOSE)
 
+    @property
+    def is_block_diagonal(self) -> bool:
+        """True when the map is one block-diagonal matrix (see :meth:`block_diagonal`)."""
+        return False
+
+    def block_diagonal(self, scale: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``(dim / b, b, b)``: the ``b x b`` blocks along the diagonal of the map, for layers
+        that compute with them directly (closed-form gradients); only when
+        :attr:`is_block_diagonal`."""
+        raise NotImplementedError(f"{type(self).__name__} is not block-diagonal")
+
     def penalty(self) -> torch.Tensor:
         """Soft-orthogonality penalty added to the training loss (zero for exact families)."""
         p = next(self.parameters())

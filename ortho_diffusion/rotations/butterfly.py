@@ -169,6 +169,15 @@ class ButterflyCayleyRotation(Rotation):
         q = self.skew(scale, dtype)
         return cayley(q) if self.neumann_terms is None else cayley_neumann(q, self.neumann_terms)
 
+    @property
+    def is_block_diagonal(self) -> bool:
+        return self.n_factors == 1
+
+    def block_diagonal(self, scale: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if self.n_factors != 1:
+            return super().block_diagonal(scale, dtype)
+        return self.blocks(scale, dtype)[0].expand(self.n_blocks, -1, -1)
+
     def apply(
         self,
         x: torch.Tensor,
