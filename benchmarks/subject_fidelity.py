@@ -290,6 +290,8 @@ def previous_runs(out: Path) -> list[dict]:
 def write_results(out: Path, rows: list[dict], samples: dict, methods: list[str], subjects, args) -> None:
     """Markdown table (means over subjects and seeds), JSON rows and a sample grid."""
     out.mkdir(parents=True, exist_ok=True)
+    # Variants resumed from an earlier run keep their rows in the table.
+    methods = list(dict.fromkeys([*(r["method"] for r in rows if r["method"] != "base"), *methods]))
     cols = ["subject_similarity", "subject_shape", "prompt_background", "prompt_position", "ordinary_accuracy",
             "forgetting", "class_drift", "parameters", "train_seconds"]
     lines = [

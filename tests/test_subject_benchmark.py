@@ -32,3 +32,23 @@ def test_ordinary_accuracy_counts_every_image_of_every_prompt():
     assert mod.ordinary_accuracy(swapped, per_prompt=2) == pytest.approx(1 - 2 / len(two_each))
     with pytest.raises(ValueError):
         mod.ordinary_accuracy(two_each[:-1], per_prompt=2)
+
+
+def test_resume_keeps_finished_runs_in_the_table(tmp_path):
+    from argparse import Namespace
+
+    mod = load_script("benchmarks/subject_fidelity.py")
+    assert mod.previous_runs(tmp_path) == []
+    metrics = {c: 0.5 for c in ("subject_similarity", "subject_shape", "prompt_background", "prompt_position",
+                                "ordinary_accuracy", "forgetting", "class_drift", "train_seconds")}
+    rows = [{"subject": "split-circle", "method": "base", **metrics, "parameters": 0},
+            {"subject": "split-circle", "method": "goft @ 1e-2", "seed": 0, **metrics, "parameters": 7}]
+    subject = next(s for s in mod.SUBJECTS if s.name == "split-circle")
+    args = Namespace(steps=1, batch=1, seeds="0", eval_seeds=1, sample_steps=1, guidance=3.0)
+    mod.write_results(tmp_path, rows, {}, ["oft @ 1e-3"], [subject], args)
+    assert [r["method"] for r in mod.previous_runs(tmp_path)] == ["goft @ 1e-2"]
+    # A run of other variants resumed from this file still lists the finished ones.
+    assert "| goft @ 1e-2 | 1 |" in (tmp_path / "subject_fidelity.md").read_text()
+    (tmp_path / "subject_fidelity.json").write_text("{truncated")
+    with pytest.raises(SystemExit, match="cannot resume"):
+        mod.previous_runs(tmp_path)
