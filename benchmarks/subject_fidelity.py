@@ -325,14 +325,12 @@ def write_results(out: Path, rows: list[dict], samples: dict, methods: list[str]
         lines += ["", "Paper metrics (local encoders):", *extra_lines]
     atomic_write_bytes(out / "subject_fidelity.md", ("\n".join(lines) + "\n").encode())
     atomic_write_json(out / "subject_fidelity.json", rows)
-    tiles = []
-    for subject in subjects:
-        for method in ["base", *methods]:
-            for img in samples.get((subject.name, method), []):
-                tiles.append(Image.fromarray(img).resize((96, 96), Image.NEAREST))
+    # Only variants with samples from this invocation (resumed rows have none).
+    shown = [m for m in ["base", *methods] if any((subject.name, m) in samples for subject in subjects)]
+    tiles = [Image.fromarray(img).resize((96, 96), Image.NEAREST)
+             for subject in subjects for m in shown for img in samples.get((subject.name, m), [])]
     if tiles:
-        grid = image_grid(tiles, cols=3 * (1 + len(methods)))
-        grid.save(out / "subject_fidelity.png")
+        image_grid(tiles, cols=3 * len(shown)).save(out / "subject_fidelity.png")
     print("\n".join(lines))
 
 
