@@ -209,9 +209,14 @@ def compare(args, model: Path, scenes, work: Path) -> tuple[list[dict], dict]:
 
 @torch.no_grad()
 def interpolation(args, model: Path, pipes: dict, out: Path) -> None:
-    """Rows: one control prompt at t = 0, 0.2, ..., 1 per shipped adapter; BOFT factor by factor."""
+    """Rows: one control prompt at t = 0, 0.2, ..., 1 per shipped adapter; BOFT factor by factor.
+
+    The prompt names the shapes, colours and background but not their size or place, so that
+    the layout visibly moves from the model's own choice (t = 0) to the control map's.
+    """
     scene = shapes.scene_from_seed(args.first_eval_seed + 3)
-    prompt = shapes.caption(scene)
+    objects = " and ".join(shapes.object_phrase(o, False, True, False) for o in scene.objects)
+    prompt = f"{objects}, on a {scene.background} background"
     ts = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
     cells, labels = [], []
     for task in args.tasks:
@@ -342,11 +347,12 @@ def main(argv=None) -> int:
         result["compare"], pipes = compare(args, model, scenes, Path(args.work_dir))
     if args.interpolation:
         interpolation(args, model, pipes, out)
-    name = "control" if not args.no_shipped else "control_compare"
-    atomic_write_json(out / f"{name}.json", result)
-    atomic_write_bytes(out / f"{name}.md", markdown(result).encode())
-    save_samples(samples, out)
-    print(markdown(result))
+    if "shipped" in result or "compare" in result:  # not for a picture-only run
+        name = "control" if not args.no_shipped else "control_compare"
+        atomic_write_json(out / f"{name}.json", result)
+        atomic_write_bytes(out / f"{name}.md", markdown(result).encode())
+        save_samples(samples, out)
+        print(markdown(result))
     return 0
 
 
