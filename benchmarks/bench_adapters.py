@@ -684,9 +684,13 @@ def bench_unet(s: Settings, unet: nn.Module) -> list[dict[str, Any]]:
     rows = []
     variants = wanted(unet_variants(s), s.only)
     for v in tqdm(variants, desc="unet", unit="variant", leave=False, file=sys.stderr):
+        # The variants run one after another over minutes and the machine's speed drifts
+        # (measured: a first base row 35% slower than later adapter rows), so each variant
+        # is compared with frozen-base steps timed right before it.
+        base_adjacent = adjacent_base_seconds(unet, inputs, s.unet_repeats)
         case = prepare(v, unet, inputs, unet_loss)
         run_round_robin([case], s.warmup if s.unet == "tiny" else 1, s.unet_repeats, f"unet {v.key}")
-        rows.append(case_record(case, {"batch": s.unet_batch, "latent": s.unet_latent}))
+        rows.append(case_record(case, {"batch": s.unet_batch, "latent": s.unet_latent, "base_adjacent_s": base_adjacent}))
         if case.undo:
             case.undo()
         del case
@@ -696,7 +700,21 @@ def bench_unet(s: Settings, unet: nn.Module) -> list[dict[str, Any]]:
             raise RuntimeError(f"the UNet was not restored after {v.key}")
         print(f"  unet {v.key}: {rows[-1]['step_s']:.2f} s", flush=True)
     add_ratios(rows)
+    for r in rows:
+        r["time_vs_base"] = r["step_s"] / r["base_adjacent_s"]
     return rows
+
+
+def adjacent_base_seconds(unet: nn.Module, inputs: dict[str, torch.Tensor], repeats: int) -> float:
+    """Median time of ``repeats`` frozen-base training steps (after one untimed step)."""
+    case = prepare(Variant("base", "base", "frozen", "-", "no adapter", None), unet, inputs, unet_loss)
+    case.step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        case.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 # ------------------------------------------------------------------ inference section
@@ -998,7 +1016,9 @@ def write_report(out: Path, s: Settings, result: dict[str, Any], elapsed: float)
         lines += ["## Full UNet, one training step", "",
                   f"{result['unet_description']}, batch {u['batch']}, {u['latent']}x{u['latent']} latents, random "
                   f"weights, adapters on every attention's `to_q/to_k/to_v/to_out.0`. {s.unet_repeats} timed steps "
-                  "after one warm-up, variants one after another.", ""]
+                  "after one warm-up, variants one after another; `x base` divides each row by the median of "
+                  f"{s.unet_repeats} frozen-base steps timed right before it (the machine's speed drifts over the "
+                  "minutes this section takes).", ""]
         lines += training_table(result["unet_training"]) + [""]
     if result["layer_inference"]:
         lines += ["## Inference (no gradients)", "",

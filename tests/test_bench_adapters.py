@@ -94,6 +94,9 @@ def test_speedups_unet_and_inference(quick_run):
     assert {"base", "peft/lora", "peft/oft", "peft/boft-m2", "lycoris/boft-m2-rebuild", "ours/oft/auto",
             "ours/oftv2/auto", "ours/boft-m2-scale/auto"} <= set(unet)
     assert all(positive(r["step_s"]) for r in unet.values())
+    # UNet rows are timed one after another, each against frozen-base steps timed just before it.
+    assert all(positive(r["base_adjacent_s"]) for r in unet.values())
+    assert all(abs(r["time_vs_base"] - r["step_s"] / r["base_adjacent_s"]) < 1e-12 for r in unet.values())
 
     merged = [r for r in result["layer_inference"] + result["unet_inference"] if r["state"] == "merged"]
     assert merged and all(positive(r["forward_s"]) for r in merged)
