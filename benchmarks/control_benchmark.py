@@ -175,7 +175,7 @@ def compare(args, model: Path, scenes, work: Path) -> tuple[list[dict], dict]:
         write_shapes_dataset(data, task, args.compare_rows)
     rows, pipes = [], {}
     for method in args.compare_methods:
-        out = work / f"{task}-{method}"
+        out = work / f"{task}-{method}" if args.compare_seed == 0 else work / f"{task}-{method}-seed{args.compare_seed}"
         argv = [
             "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
             "--method", method, "--max_train_steps", str(args.compare_steps), "--train_batch_size", str(args.batch),
@@ -183,7 +183,7 @@ def compare(args, model: Path, scenes, work: Path) -> tuple[list[dict], dict]:
             "--checkpointing_steps", "0", "--validation_steps", "0", "--num_validation_images", "2",
             "--sample_steps", str(args.sample_steps), "--report_to", "none",
             "--proportion_empty_prompts", str(args.proportion_empty_prompts),
-            "--seed", "0",
+            "--seed", str(args.compare_seed),
         ]
         if method in ("oft", "oftv2"):
             argv += ["--block_size", str(args.block_size)]
@@ -309,6 +309,7 @@ def main(argv=None) -> int:
     p.add_argument("--compare_methods", default="none,oft,boft,oftv2,lora")
     p.add_argument("--compare_steps", type=int, default=300)
     p.add_argument("--compare_rows", type=int, default=2000)
+    p.add_argument("--compare_seed", type=int, default=0, help="training seed of the compared runs")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--block_size", type=int, default=8)
