@@ -318,6 +318,10 @@ class Variant:
     match: str = ""
 
 
+#: The floor of every comparison: the frozen model, gradients through the activations only.
+BASE = Variant("base", "base", "frozen", "-", "no adapter", None)
+
+
 def _peft_lora(rank: int):
     from peft import LoraConfig
 
@@ -349,7 +353,7 @@ def training_variants(s: Settings) -> list[Variant]:
     """Every layer-level training row, baselines first."""
     b, bb, k = s.oft_block, s.boft_block, s.neumann_terms
     v = [
-        Variant("base", "base", "frozen", "-", "no adapter", None),
+        BASE,
         Variant("peft/lora", "peft", "LoRA", "low-rank side path", f"r={s.lora_rank}, alpha={s.lora_rank}",
                 lambda m: attach_peft(m, _peft_lora(s.lora_rank))),
         Variant("peft/oft", "peft", "OFT (exact Cayley)", "rotates inputs (einsum)", f"b={b}, input side",
@@ -399,7 +403,7 @@ def unet_variants(s: Settings) -> list[Variant]:
     boft_in = dict(method="boft", block_size=bb, n_factors=m, rescale=True)
     boft_out = dict(method="boft", block_size=bb, n_factors=m, side="output", butterfly_order="descending")
     return [
-        Variant("base", "base", "frozen", "-", "no adapter", None),
+        BASE,
         Variant("peft/lora", "peft", "LoRA", "low-rank side path", f"r={s.lora_rank}",
                 lambda mod: attach_peft(mod, _peft_lora(s.lora_rank))),
         Variant("peft/oft", "peft", "OFT (exact Cayley)", "rotates inputs (einsum)", f"b={b}, input side",
@@ -707,7 +711,7 @@ def bench_unet(s: Settings, unet: nn.Module) -> list[dict[str, Any]]:
 
 def adjacent_base_seconds(unet: nn.Module, inputs: dict[str, torch.Tensor], repeats: int) -> float:
     """Median time of ``repeats`` frozen-base training steps (after one untimed step)."""
-    case = prepare(Variant("base", "base", "frozen", "-", "no adapter", None), unet, inputs, unet_loss)
+    case = prepare(BASE, unet, inputs, unet_loss)
     case.step()
     times = []
     for _ in range(repeats):

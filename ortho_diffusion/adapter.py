@@ -300,10 +300,7 @@ class OrthogonalAdapter(nn.Module):
                 a = active[0]
                 blocks = a.rotation.block_diagonal(a.scale, compute_dtype(next(a.rotation.parameters()).dtype, x.dtype))
                 y = block_rotated_linear(x, self.base_layer.weight, blocks)
-                magnitude = self._total_magnitude(active, y.dtype)
-                if magnitude is not None:
-                    y = y * magnitude
-                return y if bias is None else y + bias
+                return self._magnitude_and_bias(y, self._total_magnitude(active, torch.float32), bias)
             w = self.transform_weight(self._flat_weight().to(torch.promote_types(x.dtype, torch.float32)), active)
             return self._run_layer(x, w.to(self.base_layer.weight.dtype), bias)
 
@@ -320,6 +317,12 @@ class OrthogonalAdapter(nn.Module):
             y = self._run_layer(x, self.base_layer.weight, None)
         for a in outs:
             y = self._rotate_channels(y, a)
+        return self._magnitude_and_bias(y, magnitude, bias)
+
+    def _magnitude_and_bias(
+        self, y: torch.Tensor, magnitude: torch.Tensor | None, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Scale the output channels of ``y`` by ``magnitude`` (``(d_out,)``), then add the bias."""
         view = (-1, 1, 1) if self.is_conv else (-1,)
         if magnitude is not None:
             y = (y * magnitude.view(view)).to(y.dtype)
