@@ -164,8 +164,49 @@ def shipped(args, model: Path, scenes) -> tuple[list[dict], dict]:
     return rows, samples
 
 
-def compare(args, model: Path, scenes, work: Path) -> tuple[list[dict], dict]:
-    """Train every variant on one task with identical settings; evaluate on the held-out scenes."""
+def _compare_argv(args, model: Path, data: Path, out: Path, method: str, seed: int) -> list[str]:
+    argv = [
+        "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
+        "--method", method, "--max_train_steps", str(args.compare_steps), "--train_batch_size", str(args.batch),
+        "--learning_rate", str(args.learning_rate), "--control_task", args.compare_task,
+        "--control_channels", args.control_channels,
+        "--checkpointing_steps", "0", "--validation_steps", "0", "--num_validation_images", "2",
+        "--sample_steps", str(args.sample_steps), "--report_to", "none",
+        "--proportion_empty_prompts", str(args.proportion_empty_prompts), "--seed", str(seed),
+    ]
+    if method in ("oft", "oftv2"):
+        argv += ["--block_size", str(args.block_size)]
+    if method == "boft":
+        argv += ["--block_size", str(args.boft_block_size), "--n_factors", str(args.boft_factors)]
+    if method == "lora":
+        argv += ["--lora_rank", str(args.lora_rank)]
+    return argv
+
+
+def _trained_with(summary_file: Path, argv: list[str]) -> bool:
+    """True when ``summary_file`` records a finished run of exactly these training arguments."""
+    from ortho_diffusion.training.control import build_parser
+
+    if not summary_file.is_file():
+        return False
+    try:
+        recorded = json.loads(summary_file.read_text()).get("arguments", {})
+    except (OSError, ValueError):
+        return False
+    wanted = vars(build_parser().parse_args(argv))
+    keys = ("method", "max_train_steps", "train_batch_size", "learning_rate", "seed", "block_size", "n_factors",
+            "lora_rank", "control_channels", "proportion_empty_prompts", "control_task")
+    return all(str(recorded.get(k)) == str(wanted.get(k)) for k in keys if k in wanted)
+
+
+def compare(args, model: Path, scenes, work: Path) -> list[dict]:
+    """Train every variant on one task with identical settings, for every seed; evaluate on the held-out scenes.
+
+    Each run leaves ``<work>/<task>-<method>[-seed<k>]/``: the adapter, its training summary and
+    ``compare_row.json`` with the scores.  A run whose summary records the same training arguments
+    is not trained again (and its scores are reused), so an interrupted or extended comparison
+    (more seeds, more methods) only does the missing work.
+    """
     from ortho_diffusion.control.data import write_shapes_dataset
     from ortho_diffusion.training.control import build_parser, train
 
@@ -173,42 +214,62 @@ def compare(args, model: Path, scenes, work: Path) -> tuple[list[dict], dict]:
     data = work / f"data-{task}"
     if not (data / "metadata.jsonl").is_file():
         write_shapes_dataset(data, task, args.compare_rows)
-    rows, pipes = [], {}
-    for method in args.compare_methods:
-        out = work / f"{task}-{method}" if args.compare_seed == 0 else work / f"{task}-{method}-seed{args.compare_seed}"
-        argv = [
-            "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
-            "--method", method, "--max_train_steps", str(args.compare_steps), "--train_batch_size", str(args.batch),
-            "--learning_rate", str(args.learning_rate), "--control_task", task, "--control_channels", args.control_channels,
-            "--checkpointing_steps", "0", "--validation_steps", "0", "--num_validation_images", "2",
-            "--sample_steps", str(args.sample_steps), "--report_to", "none",
-            "--proportion_empty_prompts", str(args.proportion_empty_prompts),
-            "--seed", str(args.compare_seed),
-        ]
-        if method in ("oft", "oftv2"):
-            argv += ["--block_size", str(args.block_size)]
-        if method == "boft":
-            argv += ["--block_size", str(args.boft_block_size), "--n_factors", str(args.boft_factors)]
-        if method == "lora":
-            argv += ["--lora_rank", str(args.lora_rank)]
-        t0 = time.time()
-        pipe, summary = train(build_parser().parse_args(argv))
-        seconds = time.time() - t0
-        values, _ = evaluate_adapter(model, None, task, scenes, args, pipe=pipe)
-        rows.append({"task": task, "method": method, "values": values, "meets_target": meets(task, values),
-                     "trainable_parameters": summary["trainable_parameters"],
-                     "adapter_parameters": summary["adapter_parameters"],
-                     "encoder_parameters": summary["encoder_parameters"],
-                     "steps": summary["steps"], "training_seconds": round(summary["wall_time_seconds"], 1),
-                     "total_seconds": round(seconds, 1)})
-        print(f"[compare {task}] {method}: {fmt(task, values)}, {summary['trainable_parameters']:,} params, "
-              f"{summary['wall_time_seconds']:.0f} s", flush=True)
-        pipes[method] = pipe
-    return rows, pipes
+    rows = []
+    for seed in args.compare_seeds:
+        for method in args.compare_methods:
+            out = work / (f"{task}-{method}" if seed == 0 else f"{task}-{method}-seed{seed}")
+            argv = _compare_argv(args, model, data, out, method, seed)
+            row_file = out / "compare_row.json"
+            if _trained_with(out / "summary.json", argv) and row_file.is_file():
+                rows.append(json.loads(row_file.read_text()))
+                print(f"[compare {task}] {method} seed {seed}: reused {row_file}", flush=True)
+                continue
+            if _trained_with(out / "summary.json", argv) and (out / "adapter.safetensors").is_file():
+                summary = json.loads((out / "summary.json").read_text())
+                pipe = load_pipeline(model)
+                od.load_adapter(pipe, out / "adapter.safetensors")
+            else:
+                pipe, summary = train(build_parser().parse_args(argv))
+            values, _ = evaluate_adapter(model, None, task, scenes, args, pipe=pipe)
+            values_no_caption, _ = evaluate_adapter(model, None, task, scenes, args, pipe=pipe, captions=False)
+            row = {"task": task, "method": method, "seed": seed, "values": values,
+                   "values_no_caption": values_no_caption, "meets_target": meets(task, values),
+                   "trainable_parameters": summary["trainable_parameters"],
+                   "adapter_parameters": summary["adapter_parameters"],
+                   "encoder_parameters": summary["encoder_parameters"],
+                   "steps": summary["steps"], "training_seconds": round(summary["wall_time_seconds"], 1),
+                   "adapter": str(out / "adapter.safetensors")}
+            atomic_write_json(row_file, row)
+            rows.append(row)
+            print(f"[compare {task}] {method} seed {seed}: {fmt(task, values)}; empty prompt "
+                  f"{fmt(task, values_no_caption)}; {summary['trainable_parameters']:,} params, "
+                  f"{summary['wall_time_seconds']:.0f} s", flush=True)
+    return rows
+
+
+def compare_means(rows: list[dict]) -> list[dict]:
+    """Per method: mean and sample standard deviation of each score over the seeds of ``rows``."""
+    by_method: dict[str, list[dict]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r)
+    means = []
+    for method, runs in by_method.items():
+        entry = {"method": method, "seeds": [r["seed"] for r in runs]}
+        for field in ("values", "values_no_caption"):
+            if all(field in r for r in runs):
+                keys = runs[0][field].keys()
+                entry[field] = {k: float(np.mean([r[field][k] for r in runs])) for k in keys}
+                entry[field + "_std"] = {k: float(np.std([r[field][k] for r in runs], ddof=1)) if len(runs) > 1 else 0.0
+                                         for k in keys}
+        for k in ("trainable_parameters", "encoder_parameters", "adapter_parameters"):
+            entry[k] = runs[0][k]
+        entry["training_seconds"] = float(np.mean([r["training_seconds"] for r in runs]))
+        means.append(entry)
+    return means
 
 
 @torch.no_grad()
-def interpolation(args, model: Path, pipes: dict, out: Path) -> None:
+def interpolation(args, model: Path, out: Path) -> None:
     """Rows: one control prompt at t = 0, 0.2, ..., 1 per shipped adapter; BOFT factor by factor.
 
     The prompt names the shapes, colours and background but not their size or place, so that
@@ -232,11 +293,9 @@ def interpolation(args, model: Path, pipes: dict, out: Path) -> None:
             cells += to_pil(pipe(prompt, image=hint, num_inference_steps=args.sample_steps, guidance_scale=args.guidance_scale,
                                  generator=torch.Generator().manual_seed(0)).images)
         labels.append(task)
-    boft = pipes.get("boft")
-    if boft is None and args.boft_adapter:
+    if args.boft_adapter:
         boft = load_pipeline(model)
         od.load_adapter(boft, args.boft_adapter)
-    if boft is not None:
         task = args.compare_task
         hint = control_tensor([shapes_control(scene, task)])
         cells.append(Image.fromarray(shapes_control(scene, task)))
@@ -285,11 +344,23 @@ def markdown(result: dict) -> str:
         lines.append("")
     if result.get("compare"):
         task = result["compare"][0]["task"]
+        key = TARGETS[task][0]
         lines += [f"## Methods compared on {task} (same data, steps, batch, learning rate)", "",
-                  "| method | result | trainable params (encoder + adapter) | training time |", "|---|---|---|---|"]
+                  f"Mean ± standard deviation of {key} over the training seeds; the same with an empty prompt.", "",
+                  "| method | seeds | with the caption | empty prompt | trainable params (encoder + adapter) | training time |",
+                  "|---|---|---|---|---|---|"]
+        for m in result["compare_means"]:
+            def cell(field):
+                if field not in m:
+                    return "-"
+                return f"{m[field][key]:.3f} ± {m[field + '_std'][key]:.3f}"
+            lines.append(f"| {m['method']} | {len(m['seeds'])} | {cell('values')} | {cell('values_no_caption')} | "
+                         f"{m['trainable_parameters']:,} ({m['encoder_parameters']:,} + {m['adapter_parameters']:,}) | "
+                         f"{m['training_seconds']:.0f} s |")
+        lines += ["", "Each run:", "", "| method | seed | with the caption | empty prompt |", "|---|---|---|---|"]
         for r in result["compare"]:
-            lines.append(f"| {r['method']} | {fmt(task, r['values'])} | {r['trainable_parameters']:,} "
-                         f"({r['encoder_parameters']:,} + {r['adapter_parameters']:,}) | {r['training_seconds']:.0f} s |")
+            empty = fmt(task, r["values_no_caption"]) if "values_no_caption" in r else "-"
+            lines.append(f"| {r['method']} | {r['seed']} | {fmt(task, r['values'])} | {empty} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -309,7 +380,7 @@ def main(argv=None) -> int:
     p.add_argument("--compare_methods", default="none,oft,boft,oftv2,lora")
     p.add_argument("--compare_steps", type=int, default=300)
     p.add_argument("--compare_rows", type=int, default=2000)
-    p.add_argument("--compare_seed", type=int, default=0, help="training seed of the compared runs")
+    p.add_argument("--compare_seeds", default="0", help="training seeds of the compared runs (comma-separated)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--block_size", type=int, default=8)
@@ -325,6 +396,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.tasks = [t for t in args.tasks.split(",") if t]
     args.compare_methods = [m for m in args.compare_methods.split(",") if m]
+    args.compare_seeds = [int(k) for k in args.compare_seeds.split(",") if k]
     if args.model is None:
         from ortho_diffusion.default_model import default_model_path
 
@@ -343,11 +415,14 @@ def main(argv=None) -> int:
     samples: dict = {}
     if not args.no_shipped:
         result["shipped"], samples = shipped(args, model, scenes)
-    pipes: dict = {}
     if args.compare:
-        result["compare"], pipes = compare(args, model, scenes, Path(args.work_dir))
+        result["compare"] = compare(args, model, scenes, Path(args.work_dir))
+        result["compare_means"] = compare_means(result["compare"])
+        boft_runs = [r for r in result["compare"] if r["method"] == "boft"]
+        if boft_runs and not args.boft_adapter:
+            args.boft_adapter = boft_runs[0]["adapter"]
     if args.interpolation:
-        interpolation(args, model, pipes, out)
+        interpolation(args, model, out)
     if "shipped" in result or "compare" in result:  # not for a picture-only run
         name = "control" if not args.no_shipped else "control_compare"
         atomic_write_json(out / f"{name}.json", result)

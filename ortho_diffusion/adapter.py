@@ -219,9 +219,10 @@ class OrthogonalAdapter(nn.Module):
         gradient, ``N * d_in * d_out`` multiply-adds, which input-centric avoids; one element
         pass (forward and backward) costs about :data:`PASS_COST_IN_MACS` of those.
         Except where :meth:`_closed_form` applies: there the weight-centric path gets its
-        gradients without the full weight gradient, for the price of input-centric's backward
-        passes (two thirds of a pass per vector), so it wins whenever ``d_out`` is below the
-        number of tokens.
+        gradients without the full weight gradient, for the price of one of input-centric's
+        three passes per vector (forward, input gradient, block gradient) plus rotating the
+        weight twice (forward, and again in backward instead of keeping it), so it wins
+        whenever ``d_out`` is below the number of tokens.
         """
         if self.compute != "auto":
             return self.compute
@@ -238,7 +239,7 @@ class OrthogonalAdapter(nn.Module):
         if training:
             input_centric *= PASS_COST_IN_MACS
             if self._closed_form(active):
-                weight_centric = PASS_COST_IN_MACS * (weight_centric + 2 * n * p_in) / 3
+                weight_centric = PASS_COST_IN_MACS * (2 * weight_centric + n * p_in) / 3
             else:
                 weight_centric = PASS_COST_IN_MACS * weight_centric + n * self.in_dim * self.out_dim
         return "input-centric" if input_centric <= weight_centric else "weight-centric"
