@@ -167,7 +167,13 @@ class ButterflyCayleyRotation(Rotation):
     def blocks(self, scale: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Rotation blocks ``(n_factors, n_stored_blocks, b, b)`` in ``dtype`` (default: compute dtype)."""
         q = self.skew(scale, dtype)
-        return cayley(q) if self.neumann_terms is None else cayley_neumann(q, self.neumann_terms)
+        if self.neumann_terms is None:
+            return cayley(q)
+        if torch.is_grad_enabled() and q.requires_grad:
+            # The series keeps two (b, b) products per term for backward: at width 1280 that is
+            # more than the layer's activations.  Recomputing it costs a few small products.
+            return checkpoint(cayley_neumann, q, self.neumann_terms, use_reentrant=False)
+        return cayley_neumann(q, self.neumann_terms)
 
     @property
     def is_block_diagonal(self) -> bool:
