@@ -208,7 +208,7 @@ def compare(args, model: Path, scenes, work: Path) -> list[dict]:
     (more seeds, more methods) only does the missing work.
     """
     from ortho_diffusion.control.data import write_shapes_dataset
-    from ortho_diffusion.training.control import build_parser, train
+    from ortho_diffusion.training.control import build_parser, load_trained, train
 
     task = args.compare_task
     data = work / f"data-{task}"
@@ -226,8 +226,7 @@ def compare(args, model: Path, scenes, work: Path) -> list[dict]:
                 continue
             if _trained_with(out / "summary.json", argv) and (out / "adapter.safetensors").is_file():
                 summary = json.loads((out / "summary.json").read_text())
-                pipe = load_pipeline(model)
-                od.load_adapter(pipe, out / "adapter.safetensors")
+                pipe = load_trained(build_parser().parse_args(argv), out / "adapter.safetensors")
             else:
                 pipe, summary = train(build_parser().parse_args(argv))
             values, _ = evaluate_adapter(model, None, task, scenes, args, pipe=pipe)

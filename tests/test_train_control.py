@@ -113,6 +113,28 @@ def test_baselines_encoder_alone_and_lora(models, data, tmp_path, method):
         assert summary["trainable_parameters"] > summary["encoder_parameters"]
 
 
+@pytest.mark.parametrize("method", ["oft", "lora"])
+def test_load_trained_rebuilds_the_finished_run(models, data, tmp_path, method):
+    # The benchmark re-scores finished runs from their files, LoRA ones included (peft tensors
+    # that od.load_adapter does not read): the rebuilt pipeline must give the trained one's images.
+    from ortho_diffusion.training.control import load_trained
+    from ortho_diffusion.training.control import train as train_pipeline
+
+    out = tmp_path / method
+    args = base_args(models / "sd15", data, out, steps=2, method=method, lora_rank=2, learning_rate=1e-2)
+    trained, _ = train_pipeline(build_parser().parse_args(args))
+    loaded = load_trained(build_parser().parse_args(args), out / "adapter.safetensors")
+    hint = Image.open(data / "conditioning_images" / "000000.png")
+
+    def image(pipe):
+        return pipe("a red circle", image=hint, num_inference_steps=2, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    base = load_pipeline(models / "sd15")
+    assert np.abs(image(trained) - image(base)).max() > 1e-3  # it trained
+    np.testing.assert_allclose(image(loaded), image(trained), atol=1e-5)
+
+
 def test_sdxl_and_hf_dataset_columns(models, data, tmp_path):
     import datasets
 

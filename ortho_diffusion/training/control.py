@@ -221,6 +221,53 @@ def validation_set(args: argparse.Namespace, data: ControlData, resolution: int)
     return prompts, hints
 
 
+def attach_trainable(pipe: Any, args: argparse.Namespace, unet_cfg: Any, text_cfg: Any) -> ControlEncoderConfig:
+    """Attach the run's adapters (or peft LoRA) and its control encoder, and switch control on.
+
+    Returns the encoder's configuration.
+    Raises :class:`TrainingError` for a method or encoder that does not fit the model, before
+    anything is written.
+    """
+    try:
+        if args.method == "lora":
+            attach_lora(pipe, args)
+        elif args.method == "none":
+            for p in pipe.unet.parameters():
+                p.requires_grad_(False)
+        else:
+            inject.attach(pipe, unet_cfg, text_encoder_config=text_cfg, adapter_name=ADAPTER_NAME)
+        encoder_cfg = ControlEncoderConfig(
+            out_channels=pipe.unet.conv_in.out_channels,
+            downscale=pipe.vae_scale_factor,
+            channels=encoder_channels(args),
+            task=args.control_task or args.preprocess or "",
+        )
+        attach_control(pipe, encoder_cfg, ADAPTER_NAME)
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
+    enable_control(pipe)
+    return encoder_cfg
+
+
+def load_trained(args: argparse.Namespace, path: Path) -> Any:
+    """The pipeline of a finished run of ``args`` with its trained tensors from ``path``.
+
+    Also for ``--method lora`` runs, whose files hold peft LoRA tensors that
+    :func:`ortho_diffusion.load_adapter` does not read.
+    """
+    check_args(args)
+    unet_cfg, text_cfg = adapter_configs(args)
+    pipe = load_pipeline(resolve_model_path(args.pretrained_model_name_or_path))
+    attach_trainable(pipe, args, unet_cfg, text_cfg)
+    if args.method == "lora":
+        restore_lora(pipe, path)
+    else:
+        restore_adapter_values(pipe, path, ADAPTER_NAME)
+    for p in pipe.unet.parameters():
+        p.requires_grad_(False)
+    return pipe
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train a control adapter; returns the summary also written to ``summary.json``."""
     return train(args)[1]
@@ -246,24 +293,7 @@ def train(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     except PreprocessError as err:
         raise DataError(str(err)) from None
 
-    try:  # refuses a method or encoder that does not fit the model before anything is written
-        if args.method == "lora":
-            attach_lora(pipe, args)
-        elif args.method == "none":
-            for p in pipe.unet.parameters():
-                p.requires_grad_(False)
-        else:
-            inject.attach(pipe, unet_cfg, text_encoder_config=text_cfg, adapter_name=ADAPTER_NAME)
-        encoder_cfg = ControlEncoderConfig(
-            out_channels=pipe.unet.conv_in.out_channels,
-            downscale=pipe.vae_scale_factor,
-            channels=encoder_channels(args),
-            task=args.control_task or args.preprocess or "",
-        )
-        attach_control(pipe, encoder_cfg, ADAPTER_NAME)
-    except ValueError as err:
-        raise TrainingError(str(err)) from None
-    enable_control(pipe)
+    encoder_cfg = attach_trainable(pipe, args, unet_cfg, text_cfg)
     if args.method == "lora":
         modules = [pipe.unet] + ([pipe.text_encoder] if args.train_text_encoder else [])
         params = [p for m in modules for p in m.parameters() if p.requires_grad]
