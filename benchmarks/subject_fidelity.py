@@ -6,7 +6,8 @@
     .venv/bin/python benchmarks/subject_fidelity.py --methods oft@3e-4,oft@1e-3,lora@1e-3 --seeds 0,1
 
 A method may carry its learning rate (``oft@1e-3``); the same method at several rates is a
-learning-rate sweep, one row per rate.
+learning-rate sweep, one row per rate.  Adapter options follow a ``+``
+(``oft@3e-3+constraint=0.1``: COFT, each block's generator kept within norm 0.1).
 
 For every (subject, method, seed) it trains with the project's DreamBooth code (prior
 preservation on, the same steps, batch and data for all) and measures, with the classical
@@ -162,23 +163,40 @@ def evaluate(pipe, subject, reference, seeds: list[int], steps: int, guidance: f
     }
 
 
-def parse_variant(text: str) -> tuple[str, str]:
-    """``"oft@1e-3"`` -> ``("oft", "1e-3")``; ``"oft"`` -> ``("oft", <METHOD_FLAGS' rate>)``."""
-    method, _, rate = text.partition("@")
+#: Adapter options a variant may set after ``+`` (``oft@3e-3+constraint=0.1``).
+VARIANT_OPTIONS = ("constraint", "block_size", "n_factors", "lora_rank", "neumann_terms", "qgoft_lambda")
+
+
+def parse_variant(text: str) -> tuple[str, str, tuple[str, ...]]:
+    """A variant: method, learning rate and extra adapter flags.
+
+    ``"oft@1e-3"`` -> ``("oft", "1e-3", ())``; ``"oft"`` -> ``("oft", <METHOD_FLAGS' rate>, ())``;
+    ``"oft@3e-3+constraint=0.1"`` -> ``("oft", "3e-3", ("--constraint", "0.1"))``.
+    """
+    head, *options = text.split("+")
+    method, _, rate = head.partition("@")
     if method not in METHOD_FLAGS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHOD_FLAGS)}")
     if not rate:
         flags = METHOD_FLAGS[method]
         rate = flags[flags.index("--learning_rate") + 1]
     float(rate)  # a clear ValueError for a malformed rate
-    return method, rate
+    extra: list[str] = []
+    for option in options:
+        key, _, value = option.partition("=")
+        if key not in VARIANT_OPTIONS or not value:
+            raise ValueError(f"bad variant option {option!r}; use name=value with a name from {', '.join(VARIANT_OPTIONS)}")
+        float(value)
+        extra += [f"--{key}", value]
+    return method, rate, tuple(extra)
 
 
-def variant_label(method: str, rate: str) -> str:
-    return f"{method} @ {rate}"
+def variant_label(method: str, rate: str, extra: tuple[str, ...] = ()) -> str:
+    options = "".join(f" + {k[2:]}={v}" for k, v in zip(extra[::2], extra[1::2]))
+    return f"{method} @ {rate}{options}"
 
 
-def run_one(args, subject, method: str, rate: str, seed: int, work: Path) -> tuple[dict, object]:
+def run_one(args, subject, method: str, rate: str, extra: tuple[str, ...], seed: int, work: Path) -> tuple[dict, object]:
     flags = [
         "--pretrained_model_name_or_path", str(args.model),
         "--instance_data_dir", str(subjects_root() / subject.name),
@@ -187,7 +205,7 @@ def run_one(args, subject, method: str, rate: str, seed: int, work: Path) -> tup
         "--class_data_dir", str(work / "class" / subject.name),
         "--class_prompt", subject.class_prompt,
         "--num_class_images", str(args.class_images),
-        "--output_dir", str(work / f"{subject.name}-{method}-{rate}-{seed}"),
+        "--output_dir", str(work / f"{subject.name}-{method}-{rate}{''.join(extra[1::2])}-{seed}"),
         "--max_train_steps", str(args.steps),
         "--train_batch_size", str(args.batch),
         "--seed", str(seed),
@@ -197,6 +215,7 @@ def run_one(args, subject, method: str, rate: str, seed: int, work: Path) -> tup
         "--report_to", "none",
         *METHOD_FLAGS[method],
         "--learning_rate", rate,
+        *extra,
     ]
     start = time.perf_counter()
     pipe, summary = train(build_parser().parse_args(flags))
@@ -245,7 +264,7 @@ def main(argv=None) -> int:
         DinoScorer(args.dino_model) if args.dino_model else None,
     )
     base = load_pipeline(args.model)
-    labels = [variant_label(m, r) for m, r in variants]
+    labels = [variant_label(*v) for v in variants]
     rows, samples, base_metrics = [], {}, {}
     done = previous_runs(Path(args.results)) if args.resume else []
     for subject in subjects:
@@ -260,10 +279,10 @@ def main(argv=None) -> int:
         for subject in subjects:
             reference = reference_composition(subject)
             before = base_metrics[subject.name]
-            for (method, rate), label in zip(variants, labels):
+            for (method, rate, extra), label in zip(variants, labels):
                 if (subject.name, label, seed) in finished:
                     continue
-                summary, pipe = run_one(args, subject, method, rate, seed, work)
+                summary, pipe = run_one(args, subject, method, rate, extra, seed, work)
                 m = evaluate(pipe, subject, reference, eval_seeds, args.sample_steps, args.guidance, scorers)
                 samples[(subject.name, label)] = m.pop("samples")
                 m["forgetting"] = before["ordinary_accuracy"] - m["ordinary_accuracy"]

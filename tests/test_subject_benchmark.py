@@ -11,9 +11,14 @@ from ortho_diffusion.shapes import make_scene, render
 
 def test_variants_carry_their_learning_rate():
     mod = load_script("benchmarks/subject_fidelity.py")
-    assert mod.parse_variant("oft@1e-3") == ("oft", "1e-3")
+    assert mod.parse_variant("oft@1e-3") == ("oft", "1e-3", ())
     default = mod.METHOD_FLAGS["lora"][mod.METHOD_FLAGS["lora"].index("--learning_rate") + 1]
-    assert mod.parse_variant("lora") == ("lora", default)
+    assert mod.parse_variant("lora") == ("lora", default, ())
+    coft = mod.parse_variant("oft@3e-3+constraint=0.1")
+    assert coft == ("oft", "3e-3", ("--constraint", "0.1"))
+    assert mod.variant_label(*coft) == "oft @ 3e-3 + constraint=0.1"
+    with pytest.raises(ValueError, match="bad variant option"):
+        mod.parse_variant("oft@1e-3+dropout=0.1")
     with pytest.raises(ValueError, match="unknown method"):
         mod.parse_variant("dora@1e-3")
     with pytest.raises(ValueError):
