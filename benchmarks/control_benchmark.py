@@ -320,6 +320,12 @@ def save_samples(samples: dict, out: Path) -> None:
         save_image_atomic(grid, out / "control_samples.png")
 
 
+def _mean_cell(mean: dict, field: str, key: str) -> str:
+    if field not in mean:
+        return "-"
+    return f"{mean[field][key]:.3f} ± {mean[field + '_std'][key]:.3f}"
+
+
 def markdown(result: dict) -> str:
     lines = ["# Control benchmark (shapes world, 64x64)", "", f"Model: `{result['model']}`; {result['eval_scenes']} held-out "
              f"scenes (seeds from {result['first_eval_seed']}); {result['sample_steps']} sampling steps, guidance "
@@ -349,11 +355,8 @@ def markdown(result: dict) -> str:
                   "| method | seeds | with the caption | empty prompt | trainable params (encoder + adapter) | training time |",
                   "|---|---|---|---|---|---|"]
         for m in result["compare_means"]:
-            def cell(field):
-                if field not in m:
-                    return "-"
-                return f"{m[field][key]:.3f} ± {m[field + '_std'][key]:.3f}"
-            lines.append(f"| {m['method']} | {len(m['seeds'])} | {cell('values')} | {cell('values_no_caption')} | "
+            lines.append(f"| {m['method']} | {len(m['seeds'])} | {_mean_cell(m, 'values', key)} | "
+                         f"{_mean_cell(m, 'values_no_caption', key)} | "
                          f"{m['trainable_parameters']:,} ({m['encoder_parameters']:,} + {m['adapter_parameters']:,}) | "
                          f"{m['training_seconds']:.0f} s |")
         lines += ["", "Each run:", "", "| method | seed | with the caption | empty prompt |", "|---|---|---|---|"]
