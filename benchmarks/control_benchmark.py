@@ -220,15 +220,17 @@ def compare(args, model: Path, scenes, work: Path) -> list[dict]:
             out = work / (f"{task}-{method}" if seed == 0 else f"{task}-{method}-seed{seed}")
             argv = _compare_argv(args, model, data, out, method, seed)
             row_file = out / "compare_row.json"
-            if _trained_with(out / "summary.json", argv) and row_file.is_file():
+            finished = _trained_with(out / "summary.json", argv)
+            if finished and row_file.is_file():
                 rows.append(json.loads(row_file.read_text()))
                 print(f"[compare {task}] {method} seed {seed}: reused {row_file}", flush=True)
                 continue
-            if _trained_with(out / "summary.json", argv) and (out / "adapter.safetensors").is_file():
+            run_args = build_parser().parse_args(argv)
+            if finished and (out / "adapter.safetensors").is_file():
                 summary = json.loads((out / "summary.json").read_text())
-                pipe = load_trained(build_parser().parse_args(argv), out / "adapter.safetensors")
+                pipe = load_trained(run_args, out / "adapter.safetensors")
             else:
-                pipe, summary = train(build_parser().parse_args(argv))
+                pipe, summary = train(run_args)
             values, _ = evaluate_adapter(model, None, task, scenes, args, pipe=pipe)
             values_no_caption, _ = evaluate_adapter(model, None, task, scenes, args, pipe=pipe, captions=False)
             row = {"task": task, "method": method, "seed": seed, "values": values,

@@ -259,13 +259,21 @@ def load_trained(args: argparse.Namespace, path: Path) -> Any:
     unet_cfg, text_cfg = adapter_configs(args)
     pipe = load_pipeline(resolve_model_path(args.pretrained_model_name_or_path))
     attach_trainable(pipe, args, unet_cfg, text_cfg)
-    if args.method == "lora":
+    restore_trained(pipe, args.method, path)
+    pipe.unet.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    return pipe
+
+
+def restore_trained(pipe: Any, method: str, path: Path) -> None:
+    """Copy a run's saved tensors from ``path`` into the adapters :func:`attach_trainable` made.
+
+    Raises :class:`~ortho_diffusion.formats.native.AdapterFileError` when the file does not fit.
+    """
+    if method == "lora":
         restore_lora(pipe, path)
     else:
         restore_adapter_values(pipe, path, ADAPTER_NAME)
-    for p in pipe.unet.parameters():
-        p.requires_grad_(False)
-    return pipe
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -359,10 +367,7 @@ def train(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
     def restore(path: Path) -> None:
         try:
-            if args.method == "lora":
-                restore_lora(pipe, path)
-            else:
-                restore_adapter_values(pipe, path, ADAPTER_NAME)
+            restore_trained(pipe, args.method, path)
         except AdapterFileError as err:
             raise TrainingError(f"cannot resume: {err}") from None
 
