@@ -571,13 +571,58 @@ def case_record(case: Case, extra: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Step time relative to the frozen base, memory relative to peft LoRA (same group)."""
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """First and third quartile (the median of a single value for both)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def add_ratios(rows: list[dict[str, Any]], paired: bool = True) -> None:
+    """Step time relative to the frozen base, memory relative to peft LoRA (same group).
+
+    Round-robin rows (``paired``) have one step per round each, so the time ratio is taken per round
+    (``step / base step of the same round``) and summarised by its median and quartiles: a
+    slow stretch of the machine then hits a row and its base together instead of biasing one.
+    """
     base = next((r for r in rows if r["key"] == "base"), None)
     lora = next((r for r in rows if r["key"] == "peft/lora"), None)
     for r in rows:
-        r["time_vs_base"] = r["step_s"] / base["step_s"] if base else None
+        if paired and base and len(base["step_s_all"]) == len(r["step_s_all"]):
+            ratios = [t / b for t, b in zip(r["step_s_all"], base["step_s_all"])]
+            r["time_vs_base_rounds"] = ratios
+            r["time_vs_base"] = statistics.median(ratios)
+            r["time_vs_base_quartiles"] = quartiles(ratios)
+        else:
+            r["time_vs_base"] = r["step_s"] / base["step_s"] if base else None
         r["memory_vs_lora"] = r["memory"]["total_bytes"] / lora["memory"]["total_bytes"] if lora else None
+
+
+def overhead_against_lora(rows: list[dict[str, Any]], keys: tuple[str, ...] = ("ours/oft/auto", "ours/oftv2/auto")
+                          ) -> list[dict[str, Any]]:
+    """Our rows against peft LoRA, round by round: the overhead target (ours <= LoRA).
+
+    Per width and row: the median and quartiles of ``ours - LoRA`` in units of the base step
+    (both ratios from the same round), and the share of rounds in which ours was not slower.
+    """
+    out = []
+    for width in sorted({r["width"] for r in rows}):
+        by_key = {r["key"]: r for r in rows if r["width"] == width}
+        lora = by_key.get("peft/lora")
+        if not lora or "time_vs_base_rounds" not in lora:
+            continue
+        for key in keys:
+            ours = by_key.get(key)
+            if not ours or "time_vs_base_rounds" not in ours:
+                continue
+            diffs = [o - l for o, l in zip(ours["time_vs_base_rounds"], lora["time_vs_base_rounds"])]
+            out.append({
+                "width": width, "ours": key, "ours_x_base": ours["time_vs_base"], "lora_x_base": lora["time_vs_base"],
+                "difference_median": statistics.median(diffs), "difference_quartiles": quartiles(diffs),
+                "rounds": len(diffs), "share_not_slower": sum(d <= 0 for d in diffs) / len(diffs),
+            })
+    return out
 
 
 def wanted(variants: list[Variant], only: list[str]) -> list[Variant]:
@@ -703,7 +748,7 @@ def bench_unet(s: Settings, unet: nn.Module) -> list[dict[str, Any]]:
         if leftover or any(isinstance(m, OrthogonalAdapter) for m in unet.modules()):
             raise RuntimeError(f"the UNet was not restored after {v.key}")
         print(f"  unet {v.key}: {rows[-1]['step_s']:.2f} s", flush=True)
-    add_ratios(rows)
+    add_ratios(rows, paired=False)  # one variant after another: no rounds to pair
     for r in rows:
         r["time_vs_base"] = r["step_s"] / r["base_adjacent_s"]
     return rows
@@ -906,6 +951,11 @@ def _x(v: float | None) -> str:
     return "-" if v is None or not math.isfinite(v) else f"{v:.2f}"
 
 
+def _spread(r: dict[str, Any]) -> str:
+    q = r.get("time_vs_base_quartiles")
+    return f" ({q[0]:.2f}-{q[1]:.2f})" if q else ""
+
+
 def _paths(p: dict[str, int]) -> str:
     return ", ".join(f"{k.split('-')[0]} {n}" for k, n in sorted(p.items())) or "-"
 
@@ -920,7 +970,7 @@ def training_table(rows: list[dict[str, Any]]) -> list[str]:
         mem = r["memory"]
         lines.append(
             f"| {r['library']} | {r['method']} | {r['computes']} | {r['layout']} | {r['trainable_params']:,} | "
-            f"{_ms(r['step_s'])} | {_ms(r['step_s_min'])} | {_x(r['time_vs_base'])} | "
+            f"{_ms(r['step_s'])} | {_ms(r['step_s_min'])} | {_x(r['time_vs_base'])}{_spread(r)} | "
             f"{_mib(mem['total_bytes'])} ({_mib(mem['step_peak_bytes'])} + {_mib(mem['adapter_bytes'])} + "
             f"{_mib(mem['optimizer_bytes'])}) | {_x(r['memory_vs_lora'])} | {_paths(r['auto_paths'])} |"
         )
@@ -977,9 +1027,11 @@ def write_report(out: Path, s: Settings, result: dict[str, Any], elapsed: float)
         f"Command: `{result['command']}`",
         "",
         "How: one training step is forward, a mean-square loss, backward and an AdamW step. "
-        f"Median over {s.repeats} timed steps after {s.warmup} warm-up steps per variant; every variant of a width is "
-        "built side by side and timed round-robin. `x base` is step time over the frozen base (no adapter, gradients "
-        "through the activations only: the floor). Memory is what training needs beyond the frozen weights and inputs: "
+        f"{s.repeats} timed steps after {s.warmup} warm-up steps per variant; every variant of a width is "
+        "built side by side and timed round-robin, one step each per round. `step ms` is the median step. `x base` "
+        "is step time over the frozen base (no adapter, gradients through the activations only: the floor), taken "
+        "per round against the base step of the same round: the median over rounds, with the quartiles in "
+        "brackets (on layer rows). Memory is what training needs beyond the frozen weights and inputs: "
         "the peak of tensor bytes allocated during one profiled step (torch.profiler, `profile_memory=True`: "
         "running sum of allocations and frees) plus the adapter's parameters and buffers plus the AdamW state; "
         "`x LoRA` divides it by peft LoRA's. `our layers took` counts the computation path our adapter layers "
@@ -1009,6 +1061,19 @@ def write_report(out: Path, s: Settings, result: dict[str, Any], elapsed: float)
                   "`butterfly_order=\"descending\"`; "
                   + "; ".join(f"`{k}` = {v}" for k, v in MATCH_NOTES.items()) + ".",
                   ""] + speedup_table(result["speedups"]) + [""]
+    if result.get("overhead_vs_lora"):
+        lines += ["## OFT and OFTv2 against peft LoRA, round by round", "",
+                  "Target: our step-time overhead over the frozen base no larger than LoRA's. Per round, our `x base` "
+                  "minus LoRA's from the same round; negative = ours faster.", "",
+                  "| width | ours | ours x base | LoRA x base | ours - LoRA: median (quartiles) | rounds "
+                  "| rounds ours not slower |",
+                  "|---:|---|---:|---:|---|---:|---:|"]
+        for o in result["overhead_vs_lora"]:
+            q = o["difference_quartiles"]
+            lines.append(f"| {o['width']} | {o['ours']} | {o['ours_x_base']:.2f} | {o['lora_x_base']:.2f} | "
+                         f"{o['difference_median']:+.3f} ({q[0]:+.3f} to {q[1]:+.3f}) | {o['rounds']} | "
+                         f"{o['share_not_slower']:.0%} |")
+        lines += [""]
     misses = auto_misses(result["layer_training"]) + auto_misses(result["unet_training"])
     if misses:
         lines += ["Where `compute=\"auto\"` was not our fastest path (by more than 10%):", ""]
@@ -1118,12 +1183,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "machine": machine, "versions": ver, "settings": s.__dict__,
         "command": "python benchmarks/bench_adapters.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "layer_training": [], "speedups": [], "unet_training": [], "layer_inference": [], "unet_inference": [],
+        "layer_training": [], "speedups": [], "overhead_vs_lora": [], "unet_training": [], "layer_inference": [], "unet_inference": [],
         "unet_description": "",
     }
     print(f"layer level: widths {s.widths}, batch {s.batch}, {s.repeats} repeats", flush=True)
     result["layer_training"] = bench_layers(s)
     result["speedups"] = speedups(result["layer_training"], "layer")
+    result["overhead_vs_lora"] = overhead_against_lora(result["layer_training"])
     print("layer-level inference", flush=True)
     result["layer_inference"] = bench_inference_layers(s)
     if s.unet != "skip":

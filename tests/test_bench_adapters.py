@@ -101,3 +101,37 @@ def test_speedups_unet_and_inference(quick_run):
     merged = [r for r in result["layer_inference"] + result["unet_inference"] if r["state"] == "merged"]
     assert merged and all(positive(r["forward_s"]) for r in merged)
     assert all(r["max_abs_diff_vs_live"] < 1e-4 for r in merged)  # merging kept the function
+
+
+def _row(key: str, times: list[float], width: int = 64) -> dict:
+    return {"key": key, "width": width, "step_s": sorted(times)[len(times) // 2], "step_s_all": times,
+            "memory": {"total_bytes": 100}}
+
+
+def test_time_ratios_are_paired_by_round():
+    bench = load_bench()
+    # Round 2 is slow for everyone: per-round ratios stay 1.5 where the medians' ratio would not.
+    base = _row("base", [1.0, 4.0, 1.0, 1.0, 1.0])
+    ours = _row("ours/oft/auto", [1.5, 6.0, 1.5, 1.5, 1.5])
+    lora = _row("peft/lora", [2.0, 8.0, 1.2, 2.0, 2.0])
+    rows = [base, lora, ours]
+    bench.add_ratios(rows)
+    assert ours["time_vs_base_rounds"] == [1.5] * 5 and ours["time_vs_base"] == 1.5
+    assert ours["time_vs_base_quartiles"] == (1.5, 1.5)
+    assert lora["time_vs_base"] == 2.0
+    (o,) = bench.overhead_against_lora(rows, keys=("ours/oft/auto",))
+    assert o["rounds"] == 5 and o["difference_median"] == -0.5
+    assert o["share_not_slower"] == 0.8  # LoRA's 1.2 in round 3 beats our 1.5
+
+    unpaired = [_row("base", [1.0, 3.0]), _row("ours/oft/auto", [2.0, 2.0])]
+    bench.add_ratios(unpaired, paired=False)
+    assert unpaired[1]["time_vs_base"] == 2.0 / unpaired[0]["step_s"] and "time_vs_base_rounds" not in unpaired[1]
+
+
+def test_overhead_against_lora_is_reported(quick_run):
+    out, _ = quick_run
+    result = json.loads((out / "adapter_speed.json").read_text())
+    widths = {r["width"] for r in result["overhead_vs_lora"]}
+    assert widths == {r["width"] for r in result["layer_training"]}
+    assert {r["ours"] for r in result["overhead_vs_lora"]} == {"ours/oft/auto", "ours/oftv2/auto"}
+    assert "OFT and OFTv2 against peft LoRA, round by round" in (out / "adapter_speed.md").read_text()
