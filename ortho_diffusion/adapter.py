@@ -220,7 +220,8 @@ class OrthogonalAdapter(nn.Module):
         pass (forward and backward) costs about :data:`PASS_COST_IN_MACS` of those.
         Except where :meth:`_closed_form` applies: there the weight-centric path gets its
         gradients without the full weight gradient, for the price of one of input-centric's
-        three passes per vector (forward, input gradient, block gradient) plus rotating the
+        three passes per vector (forward, input gradient, block gradient; a single pass even
+        for BOFT, whose factors multiply into one block-diagonal matrix) plus rotating the
         weight twice (forward, and again in backward instead of keeping it), so it wins
         whenever ``d_out`` is below the number of tokens.
         """
@@ -239,7 +240,7 @@ class OrthogonalAdapter(nn.Module):
         if training:
             input_centric *= PASS_COST_IN_MACS
             if self._closed_form(active):
-                weight_centric = PASS_COST_IN_MACS * (2 * weight_centric + n * p_in) / 3
+                weight_centric = PASS_COST_IN_MACS * (2 * weight_centric + n * self.in_dim) / 3
             else:
                 weight_centric = PASS_COST_IN_MACS * weight_centric + n * self.in_dim * self.out_dim
         return "input-centric" if input_centric <= weight_centric else "weight-centric"
@@ -247,7 +248,8 @@ class OrthogonalAdapter(nn.Module):
     def _closed_form(self, active: list[_Active]) -> bool:
         """Whether the weight-centric path can use
         :func:`~ortho_diffusion.rotations.block_rotated_linear`: a Linear layer with a frozen
-        weight and one active adapter, on the input side, whose rotation is block-diagonal."""
+        weight and one active adapter, on the input side, whose rotation is block-diagonal
+        (OFT, OFTv2 and BOFT: see :meth:`Rotation.block_diagonal`)."""
         return (
             not self.is_conv
             and not self.base_layer.weight.requires_grad
@@ -299,7 +301,8 @@ class OrthogonalAdapter(nn.Module):
         if path == "weight-centric":
             if self._closed_form(active):
                 a = active[0]
-                blocks = a.rotation.block_diagonal(a.scale, compute_dtype(next(a.rotation.parameters()).dtype, x.dtype))
+                dtype = compute_dtype(next(a.rotation.parameters()).dtype, x.dtype)
+                blocks = a.rotation.block_diagonal(a.scale, dtype, a.n_active_factors)
                 y = block_rotated_linear(x, self.base_layer.weight, blocks)
                 return self._magnitude_and_bias(y, self._total_magnitude(active, torch.float32), bias)
             w = self.transform_weight(self._flat_weight().to(torch.promote_types(x.dtype, torch.float32)), active)

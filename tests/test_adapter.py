@@ -161,15 +161,21 @@ def test_half_precision_base_layers(dtype):
 
 
 @pytest.mark.parametrize("kw", [{"method": "oft"}, {"method": "oftv2"}, {"method": "oft", "block_share": True},
-                                {"method": "oft", "rescale": True}])
+                                {"method": "oft", "rescale": True}, {"method": "boft"},
+                                {"method": "boft", "rescale": True, "n_factors": 3, "block_size": 2},
+                                {"method": "boft", "butterfly_order": "descending", "neumann_terms": 5},
+                                {"method": "boft", "block_share": True, "active_factors": 1}])
 def test_weight_centric_training_gradients_match_input_centric(kw):
-    # OFT on a Linear layer trains weight-centric without the full weight gradient
-    # (closed-form block gradients); values and gradients must equal the input-centric path.
+    # OFT, OFTv2 and BOFT on a Linear layer train weight-centric without the full weight
+    # gradient (closed-form block gradients); values and gradients must equal the
+    # input-centric path.
+    kw = dict(kw)
+    active_factors = kw.pop("active_factors", None)
     layer, x = layers()["linear"]
     layer.requires_grad_(False)  # frozen, as od.attach leaves it
-    a = adapted(layer, kw["method"], **{k: v for k, v in kw.items() if k != "method"})
+    a = adapted(layer, kw.pop("method"), **kw)
     assert a._closed_form(a._active())
-    a.set_scale(0.7)
+    a.set_scale(0.7, n_active_factors=active_factors)
     params = list(a.rotations.parameters()) + list(a.magnitudes.parameters())
     results = {}
     for path in ("input-centric", "weight-centric"):
@@ -190,8 +196,9 @@ def test_closed_form_applies_only_where_exact():
 
     lin = OrthogonalAdapter(frozen(nn.Linear(16, 8)), "a", config("oft"))
     assert lin._closed_form(lin._active())
-    for other in (OrthogonalAdapter(frozen(nn.Linear(16, 8)), "a", config("boft")),  # several factors
-                  OrthogonalAdapter(frozen(nn.Linear(16, 8)), "a", config("goft")),
+    boft = OrthogonalAdapter(frozen(nn.Linear(16, 8)), "a", config("boft"))  # factors multiply into blocks
+    assert boft._closed_form(boft._active())
+    for other in (OrthogonalAdapter(frozen(nn.Linear(16, 8)), "a", config("goft")),
                   OrthogonalAdapter(frozen(nn.Linear(8, 16)), "a", config("oft", side="output")),
                   OrthogonalAdapter(frozen(nn.Conv2d(16, 8, 1)), "a", config("oft"))):
         assert not other._closed_form(other._active())
@@ -205,7 +212,7 @@ def test_closed_form_applies_only_where_exact():
 def test_auto_follows_the_measured_regimes():
     # Measured (benchmarks/bench_adapters.py): in training, OFT at width 1280 with 512 tokens
     # is fastest input-centric; 4-factor BOFT at width 320 with 8192 tokens, weight-centric
-    # (its element passes over 8192 tokens cost more than one weight-gradient product).
+    # (closed form: one pass over the activations instead of three).
     wide = OrthogonalAdapter(nn.Linear(1280, 1280), "a", AdapterConfig(method="oft", block_size=32))
     wide.base_layer.requires_grad_(False)
     assert wide.choose_compute(torch.empty(512, 1280), wide._active()) == "input-centric"

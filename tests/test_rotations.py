@@ -223,3 +223,22 @@ def test_block_rotated_linear_values_gradients_and_shape_errors():
     assert torch.autograd.gradcheck(lambda x, b: block_rotated_linear(x, w, b), (x, blocks), eps=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="do not tile"):
         block_rotated_linear(x, w, blocks[:2])
+
+
+@pytest.mark.parametrize("layout", [
+    dict(dim=32, block_size=4, n_factors=2), dict(dim=64, block_size=4, n_factors=4),
+    dict(dim=48, block_size=2, n_factors=3, descending=True), dict(dim=32, block_size=4, n_factors=3, block_share=True),
+    dict(dim=24, block_size=4, n_factors=2, neumann_terms=5),
+])
+def test_butterfly_product_is_block_diagonal_with_the_returned_blocks(layout):
+    # Factors 0 .. m-1 mix only within contiguous groups of b 2^(m-1) coordinates, so the
+    # closed-form (weight-centric) path can train BOFT like OFT with larger blocks.
+    r = ButterflyCayleyRotation(**layout).double()
+    randomize([r.generators], std=0.3)
+    size = layout["block_size"] * 2 ** (layout["n_factors"] - 1)
+    assert r.is_block_diagonal and r.group_size == size
+    for k in (None, 1, layout["n_factors"] - 1):
+        dense = r.matrix(0.8, n_active_factors=k)
+        blocks = r.block_diagonal(0.8, n_active_factors=k)
+        assert blocks.shape == (layout["dim"] // size, size, size)
+        torch.testing.assert_close(torch.block_diag(*blocks), dense, atol=1e-12, rtol=0)

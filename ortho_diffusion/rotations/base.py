@@ -100,8 +100,10 @@ class Rotation(nn.Module):
         """True when the map is one block-diagonal matrix (see :meth:`block_diagonal`)."""
         return False
 
-    def block_diagonal(self, scale: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``(dim / b, b, b)``: the ``b x b`` blocks along the diagonal of the map, for layers
+    def block_diagonal(
+        self, scale: float = 1.0, dtype: torch.dtype | None = None, n_active_factors: int | None = None
+    ) -> torch.Tensor:
+        """``(dim / B, B, B)``: the ``B x B`` blocks along the diagonal of the map, for layers
         that compute with them directly (closed-form gradients); only when
         :attr:`is_block_diagonal`."""
         raise NotImplementedError(f"{type(self).__name__} is not block-diagonal")

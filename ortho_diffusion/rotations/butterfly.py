@@ -32,6 +32,21 @@ from .cayley import cayley, cayley_neumann, n_packed, unpack_skew
 NEUMANN_MAX_NORM = 0.5
 
 
+#: Largest product block ``B = b 2^(m-1)`` applied as dense blocks rather than factor by factor
+#: (measured up to 256 at width 1280: dense still 1.5-2x faster; at ``B = dim`` it is a full
+#: matrix product).
+DENSE_GROUP_MAX = 256
+
+
+def apply_blocks(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Rows ``x`` ``(..., dim)`` times ``blockdiag(blocks)^T`` for contiguous ``blocks``
+    ``(dim / B, B, B)``: each ``B``-slice ``v`` of a row becomes ``block v``.  Computed in
+    ``blocks.dtype``, returned in ``x.dtype``."""
+    r, size, _ = blocks.shape
+    rows = x.to(blocks.dtype).reshape(-1, r, size).transpose(0, 1)  # (r, n, B), a strided view
+    return torch.bmm(rows, blocks.transpose(1, 2)).transpose(0, 1).reshape(x.shape).to(x.dtype)
+
+
 def butterfly_error(dim: int, block_size: int, n_factors: int) -> str | None:
     """Why (``dim``, ``block_size``, ``n_factors``) is not a valid layout, or ``None``."""
     if block_size < 2:
@@ -177,12 +192,32 @@ class ButterflyCayleyRotation(Rotation):
 
     @property
     def is_block_diagonal(self) -> bool:
-        return self.n_factors == 1
+        # Factor k mixes coordinates 2^k half-blocks apart, so factors 0 .. m-1 together mix
+        # only within contiguous groups of b 2^(m-1): any product of them is block-diagonal.
+        return True
 
-    def block_diagonal(self, scale: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
-        if self.n_factors != 1:
-            return super().block_diagonal(scale, dtype)
-        return self.blocks(scale, dtype)[0].expand(self.n_blocks, -1, -1)
+    @property
+    def group_size(self) -> int:
+        """``B = b 2^(n_factors - 1)``: the size of the diagonal blocks of the whole product."""
+        return self.block_size * 2 ** (self.n_factors - 1)
+
+    def block_diagonal(
+        self, scale: float = 1.0, dtype: torch.dtype | None = None, n_active_factors: int | None = None
+    ) -> torch.Tensor:
+        """``(dim / B, B, B)`` with ``B`` = :attr:`group_size` (``b`` for OFT).
+
+        With several factors, the blocks come from rotating ``B`` "comb" vectors (ones at
+        ``j, B + j, 2B + j, ...``): the groups do not overlap, so the image of comb ``j``
+        holds column ``j`` of every block at once.  Cost ``B * dim`` per factor.
+        """
+        dtype = dtype or compute_dtype(self.generators.dtype)
+        if self.n_factors == 1:
+            return self.blocks(scale, dtype)[0].expand(self.n_blocks, -1, -1)
+        size = self.group_size
+        active = self.n_factors if n_active_factors is None else max(0, min(n_active_factors, self.n_factors))
+        combs = torch.eye(size, dtype=dtype, device=self.generators.device).repeat(1, self.dim // size)
+        images = self._apply_factors(combs, scale, active, Mode.FORWARD)  # (B, dim): row j = R comb_j
+        return images.reshape(size, self.dim // size, size).permute(1, 2, 0)
 
     def apply(
         self,
@@ -191,8 +226,17 @@ class ButterflyCayleyRotation(Rotation):
         n_active_factors: int | None = None,
         mode: Mode = Mode.FORWARD,
     ) -> torch.Tensor:
-        blocks = mode.orient(self.blocks(scale, compute_dtype(self.generators.dtype, x.dtype)))
         active = self.n_factors if n_active_factors is None else max(0, min(n_active_factors, self.n_factors))
+        if active > 1 and self.group_size <= DENSE_GROUP_MAX:
+            # One pass with the product's dense blocks instead of one pass (and a gather) per
+            # factor: 2-3x faster for forward plus backward at SD widths (B = 16 to 256).
+            blocks = mode.orient(self.block_diagonal(scale, compute_dtype(self.generators.dtype, x.dtype), active))
+            return apply_blocks(x, blocks)
+        return self._apply_factors(x, scale, active, mode)
+
+    def _apply_factors(self, x: torch.Tensor, scale: float, active: int, mode: Mode) -> torch.Tensor:
+        """The first ``active`` factors, one pass each, on rows ``(..., dim)``."""
+        blocks = mode.orient(self.blocks(scale, compute_dtype(self.generators.dtype, x.dtype)))
         factors = list(range(active)) if mode.reverses_factor_order else list(reversed(range(active)))
         if not factors:
             return x
@@ -246,6 +290,9 @@ class ButterflyCayleyRotation(Rotation):
         return slot if target == 0 else slot[getattr(self, f"order_{target}")]
 
     def passes_per_vector(self) -> int:
+        if self.n_factors > 1 and self.group_size <= DENSE_GROUP_MAX:
+            # Measured: the dense-block pass costs about one factor pass per 32 of its width.
+            return max(1, self.group_size // 32) * self.dim
         return self.n_factors * self.dim
 
     def extra_repr(self) -> str:
