@@ -39,7 +39,10 @@ def test_adapter_contract_on_real_architectures(method, model_kind):
     assert trainable and all((".rotations." in n or ".magnitudes." in n) for n in trainable)
     assert od.summary(model).total == sum(p.numel() for p in od.adapter_parameters(model))
     with torch.no_grad():
-        torch.testing.assert_close(run(model), base, atol=1e-6, rtol=0)  # identity at init
+        # Identity at init, to float32 rounding: adapted layers add the bias after the product
+        # (the base fuses it into addmm), an ulp apart per layer, grown through the network
+        # (1.0e-6 seen on one thread).  A trained adapter moves the output by > 1e-3 (below).
+        torch.testing.assert_close(run(model), base, atol=1e-5, rtol=0)
 
         randomize(od.adapter_parameters(model), std=0.05)
         for layer in model.modules():
