@@ -69,7 +69,9 @@ def test_adapter_contract_on_real_architectures(method, model_kind):
     assert not any(isinstance(m, od.OrthogonalAdapter) for m in model.modules())
     assert set(model.state_dict()) == set(weights)
     with torch.no_grad():
-        torch.testing.assert_close(run(model), base, atol=1e-6, rtol=1e-6)
+        # unmerge restores each weight to float32 rounding (checked above: 1e-6 relative), so
+        # the output after detach is the base's to about that, grown through the network.
+        torch.testing.assert_close(run(model), base, atol=1e-5, rtol=1e-5)
 
 
 def test_presets_find_the_expected_layers():
