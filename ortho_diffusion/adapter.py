@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import AdapterConfig
-from .rotations import Mode, Rotation, block_rotated_linear, compute_dtype
+from .rotations import Mode, Rotation, block_rotated_linear, compute_dtype, scale_shift
 
 
 #: Time of one element pass of a rotation in training (forward and backward), in multiply-adds
@@ -327,11 +327,10 @@ class OrthogonalAdapter(nn.Module):
         self, y: torch.Tensor, magnitude: torch.Tensor | None, bias: torch.Tensor | None
     ) -> torch.Tensor:
         """Scale the output channels of ``y`` by ``magnitude`` (``(d_out,)``), then add the bias."""
-        view = (-1, 1, 1) if self.is_conv else (-1,)
         if magnitude is not None:
-            y = (y * magnitude.view(view)).to(y.dtype)
+            return scale_shift(y, magnitude, bias, channel_dim=1 if self.is_conv else -1)
         if bias is not None:
-            y = y + bias.view(view)
+            y = y + (bias.view(-1, 1, 1) if self.is_conv else bias)
         return y
 
     # ----------------------------------------------------------- merge / unmerge

@@ -242,3 +242,35 @@ def test_butterfly_product_is_block_diagonal_with_the_returned_blocks(layout):
         blocks = r.block_diagonal(0.8, n_active_factors=k)
         assert blocks.shape == (layout["dim"] // size, size, size)
         torch.testing.assert_close(torch.block_diag(*blocks), dense, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("shape,channel_dim", [((2, 5, 6), -1), ((2, 6, 3, 4), 1)])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("magnitude_floor", [0.5, 0.0])  # 0.0: a zero magnitude takes the fallback
+def test_scale_shift_values_gradients_and_what_it_keeps(shape, channel_dim, with_bias, magnitude_floor):
+    from ortho_diffusion.rotations import scale_shift
+
+    g = torch.Generator().manual_seed(0)
+    c = shape[channel_dim]
+    y = torch.randn(*shape, dtype=torch.float64, generator=g, requires_grad=True)
+    m = (magnitude_floor + torch.rand(c, dtype=torch.float64, generator=g))
+    if magnitude_floor == 0.0:
+        m[0] = 0.0
+    m.requires_grad_(True)
+    b = torch.randn(c, dtype=torch.float64, generator=g, requires_grad=True) if with_bias else None
+    view = [1] * len(shape)
+    view[channel_dim] = -1
+    expected = y * m.view(view) + (b.view(view) if with_bias else 0)
+    torch.testing.assert_close(scale_shift(y, m, b, channel_dim), expected)
+    inputs = (y, m, b) if with_bias else (y, m)
+    assert torch.autograd.gradcheck(lambda y, m, *b: scale_shift(y, m, b[0] if b else None, channel_dim), inputs)
+
+    # Backward reads the output (which the next operation keeps anyway), not a copy of y,
+    # unless a magnitude is too small to divide by.
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.data_ptr()) or t, lambda t: t):
+        out = scale_shift(y, m, b, channel_dim)
+    assert (out.data_ptr() in kept) == (magnitude_floor > 0)
+    assert (y.data_ptr() in kept) == (magnitude_floor == 0)
+    with pytest.raises(ValueError, match="must both be"):
+        scale_shift(y, m[:-1], None, channel_dim)

@@ -5,6 +5,7 @@ from .block_linear import block_rotated_linear
 from .butterfly import ButterflyCayleyRotation, butterfly_error, default_block_size, max_factors, valid_layouts
 from .cayley import cayley, cayley_neumann, pack_skew, unpack_skew
 from .givens import GivensRotation, givens_stages
+from .scale_shift import scale_shift
 
 __all__ = [
     "Mode",
@@ -21,6 +22,7 @@ __all__ = [
     "max_factors",
     "pack_skew",
     "project_norm",
+    "scale_shift",
     "unpack_skew",
     "valid_layouts",
 ]
