@@ -15,7 +15,9 @@ Sections:
    pair: ``attn1.to_q/to_k/to_v/to_out.0`` (width x width, on the image tokens) and the
    cross-attention ``attn2.to_k/to_v`` (768 -> width, on 77 text tokens).  The attention
    product itself is left out so that the numbers are the cost of the projections and their
-   adapters.  One training step = forward, a mean-square loss, backward, AdamW step.  The
+   adapters; in its place q + k + v goes to ``to_out.0``, kept for backward the way
+   scaled-dot-product attention keeps its q, k and v (so memory counts what a real block
+   holds: a layer that keeps its own output for backward shares it with the attention).  One training step = forward, a mean-square loss, backward, AdamW step.  The
    input activations require a gradient in every row (upstream layers would be trained too),
    so the frozen base row is the floor: gradients through the activations only.
 2. **Full UNet**: an SD 1.5-sized ``UNet2DConditionModel`` (diffusers default layout,
@@ -174,11 +176,26 @@ class _Holder(nn.Module):
     """Plain container so module paths read like a diffusers attention (``attn1.to_q``)."""
 
 
+class _AttentionStandIn(torch.autograd.Function):
+    """``q + k + v`` that keeps q, k and v until backward, as attention does (its gradients
+    need them), without attention's cost."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.save_for_backward(q, k, v)
+        return q + k + v
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad, grad
+
+
 class AttentionProjections(nn.Module):
     """The linear projections of an SD 1.5 self- plus cross-attention pair.
 
-    Biases as in diffusers: only ``to_out.0`` has one.  ``forward`` sums q, k, v (the
-    attention product is left out on purpose) and returns the three outputs the loss uses.
+    Biases as in diffusers: only ``to_out.0`` has one.  ``forward`` sums q, k, v, holding them
+    for backward like attention would (the attention product is left out on purpose), and
+    returns the three outputs the loss uses.
     """
 
     def __init__(self, width: int, context_dim: int) -> None:
@@ -194,7 +211,7 @@ class AttentionProjections(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
         a = self.attn1
-        y = a.to_out[0](a.to_q(x) + a.to_k(x) + a.to_v(x))
+        y = a.to_out[0](_AttentionStandIn.apply(a.to_q(x), a.to_k(x), a.to_v(x)))
         return y, self.attn2.to_k(context), self.attn2.to_v(context)
 
 
@@ -1050,7 +1067,8 @@ def write_report(out: Path, s: Settings, result: dict[str, Any], elapsed: float)
         lines += ["## Layer level: one attention pair's projections at SD 1.5 shapes", "",
                   f"Self-attention `to_q/to_k/to_v/to_out.0` (width x width) on the image tokens, cross-attention "
                   f"`to_k/to_v` ({s.context_dim} -> width) on {s.context_tokens} text tokens, batch {s.batch}. "
-                  "The attention product itself is left out.", ""]
+                  "The attention product itself is left out: q + k + v goes to `to_out.0`, with q, k and v kept "
+                  "for backward as attention keeps them.", ""]
         for width, tokens in s.widths:
             rows = [r for r in result["layer_training"] if r["width"] == width]
             lines += [f"### width {width}, {tokens} image tokens", ""] + training_table(rows) + [""]
