@@ -17,9 +17,10 @@ Sections:
    product itself is left out so that the numbers are the cost of the projections and their
    adapters; in its place q + k + v goes to ``to_out.0``, kept for backward the way
    scaled-dot-product attention keeps its q, k and v (so memory counts what a real block
-   holds: a layer that keeps its own output for backward shares it with the attention).  One training step = forward, a mean-square loss, backward, AdamW step.  The
-   input activations require a gradient in every row (upstream layers would be trained too),
-   so the frozen base row is the floor: gradients through the activations only.
+   holds: a layer that keeps its own output for backward shares it with the attention).
+   One training step = forward, a mean-square loss, backward, AdamW step.  The input
+   activations require a gradient in every row (upstream layers would be trained too), so
+   the frozen base row is the floor: gradients through the activations only.
 2. **Full UNet**: an SD 1.5-sized ``UNet2DConditionModel`` (diffusers default layout,
    block_out_channels 320/640/1280/1280, cross_attention_dim 768, random weights) at 32x32
    latents, adapters on ``to_q/to_k/to_v/to_out.0`` of every attention.

@@ -57,7 +57,7 @@ from ortho_diffusion.subjects import (  # noqa: E402
     subject_similarity,
     subjects_root,
 )
-from ortho_diffusion.training.common import atomic_write_bytes, atomic_write_json, image_grid  # noqa: E402
+from ortho_diffusion.training.common import atomic_write_bytes, atomic_write_json, image_grid, save_image_atomic  # noqa: E402
 from ortho_diffusion.training.dreambooth import build_parser, train  # noqa: E402
 
 #: Per method: adapter flags giving comparable parameter counts (see the table's column) and
@@ -351,7 +351,7 @@ def write_results(out: Path, rows: list[dict], samples: dict, methods: list[str]
     tiles = [Image.fromarray(img).resize((96, 96), Image.NEAREST)
              for subject in subjects for m in shown for img in samples.get((subject.name, m), [])]
     if tiles:
-        image_grid(tiles, cols=3 * len(shown)).save(out / "subject_fidelity.png")
+        save_image_atomic(image_grid(tiles, cols=3 * len(shown)), out / "subject_fidelity.png")
     print("\n".join(lines))
 
 

@@ -58,7 +58,9 @@ class _ScaleShift(torch.autograd.Function):
         return grad_y, grad_m, grad_b, None
 
 
-def scale_shift(y: torch.Tensor, magnitude: torch.Tensor, bias: torch.Tensor | None, channel_dim: int = -1) -> torch.Tensor:
+def scale_shift(
+    y: torch.Tensor, magnitude: torch.Tensor, bias: torch.Tensor | None, channel_dim: int = -1
+) -> torch.Tensor:
     """``y * magnitude + bias`` along ``channel_dim``, without keeping ``y`` for backward.
 
     Args:
