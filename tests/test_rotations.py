@@ -262,6 +262,8 @@ def test_scale_shift_values_gradients_and_what_it_keeps(shape, channel_dim, with
     view[channel_dim] = -1
     expected = y * m.view(view) + (b.view(view) if with_bias else 0)
     torch.testing.assert_close(scale_shift(y, m, b, channel_dim), expected)
+    with torch.no_grad():
+        torch.testing.assert_close(scale_shift(y, m, b, channel_dim), expected)
     inputs = (y, m, b) if with_bias else (y, m)
     assert torch.autograd.gradcheck(lambda y, m, *b: scale_shift(y, m, b[0] if b else None, channel_dim), inputs)
 

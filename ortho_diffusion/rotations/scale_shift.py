@@ -23,15 +23,20 @@ def _channel_view(t: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
     return t.view(shape)
 
 
+def _values(y: torch.Tensor, magnitude: torch.Tensor, bias: torch.Tensor | None, channel_dim: int) -> torch.Tensor:
+    out = (y * _channel_view(magnitude, y.dim(), channel_dim)).to(y.dtype)
+    if bias is not None:
+        out = out + _channel_view(bias, y.dim(), channel_dim)
+    return out
+
+
 class _ScaleShift(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, magnitude, bias, channel_dim: int):
-        m = _channel_view(magnitude, y.dim(), channel_dim)
-        out = (y * m).to(y.dtype)
-        if bias is not None:
-            out = out + _channel_view(bias, y.dim(), channel_dim)
+        out = _values(y, magnitude, bias, channel_dim)
         ctx.channel_dim = channel_dim
-        ctx.keeps_output = bool((magnitude.detach().abs() >= _MIN_INVERTIBLE).all())
+        # Only the magnitude's gradient reads y back; the check costs a host sync on a GPU.
+        ctx.keeps_output = not ctx.needs_input_grad[1] or bool((magnitude.detach().abs() >= _MIN_INVERTIBLE).all())
         ctx.save_for_backward(out if ctx.keeps_output else y, magnitude, bias)
         return out
 
@@ -80,4 +85,7 @@ def scale_shift(
             f"magnitude {tuple(magnitude.shape)} and bias {None if bias is None else tuple(bias.shape)} "
             f"must both be ({y.shape[channel_dim]},) for channels at dim {channel_dim} of {tuple(y.shape)}"
         )
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (y, magnitude, bias)):
+        # Inference (the live slider path): no graph, nothing to keep, no check to sync on.
+        return _values(y, magnitude, bias, channel_dim)
     return _ScaleShift.apply(y, magnitude, bias, channel_dim)
