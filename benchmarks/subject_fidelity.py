@@ -22,7 +22,9 @@ shapes-world detector:
   subject's look leaks into images of its class prompt (similarity after minus before).
 
 Writes ``benchmarks/results/subject_fidelity.md`` (table), ``subject_fidelity.json`` and
-``subject_fidelity.png`` (one sample row per method and subject), rewritten after every run
+``subject_fidelity.png`` (one sample row per method and subject) and ``subject_tradeoff.png``
+(subject similarity against ordinary-prompt accuracy, one line per method through its
+learning rates), rewritten after every run
 (seeds outermost), so an interrupted sweep keeps every finished run.
 """
 
@@ -352,7 +354,79 @@ def write_results(out: Path, rows: list[dict], samples: dict, methods: list[str]
              for subject in subjects for m in shown for img in samples.get((subject.name, m), [])]
     if tiles:
         save_image_atomic(image_grid(tiles, cols=3 * len(shown)), out / "subject_fidelity.png")
+    write_tradeoff_plot(out / "subject_tradeoff.png", rows)
     print("\n".join(lines))
+
+
+def tradeoff_points(rows: list[dict]) -> dict[str, list[dict]]:
+    """Per family (method plus option names, any learning rate or option value): one point per
+    variant, by rate.
+
+    A point holds the variant's mean subject similarity and ordinary-prompt accuracy over all
+    its runs, and their standard deviations over training seeds (each seed first averaged over
+    the subjects, so the bars show how much a whole training run moves).
+    """
+    families: dict[str, list[dict]] = {}
+    for label in dict.fromkeys(r["method"] for r in rows if r["method"] != "base"):
+        sel = [r for r in rows if r["method"] == label]
+        head, _, rate_and_options = label.partition(" @ ")
+        rate, _, options = rate_and_options.partition(" + ")
+        # COFT's bound is its own sweep: one family for every constraint value.
+        family = f"{head} + " + ", ".join(o.partition("=")[0] for o in options.split(" + ")) if options else head
+        per_seed = {}
+        for r in sel:
+            per_seed.setdefault(r.get("seed", 0), []).append((r["subject_similarity"], r["ordinary_accuracy"]))
+        seed_means = np.array([np.mean(v, axis=0) for v in per_seed.values()])
+        families.setdefault(family, []).append({
+            "label": label, "rate": float(rate), "tag": options or f"{float(rate):g}",
+            "similarity": float(np.mean([r["subject_similarity"] for r in sel])),
+            "ordinary": float(np.mean([r["ordinary_accuracy"] for r in sel])),
+            "similarity_std": float(seed_means[:, 0].std()), "ordinary_std": float(seed_means[:, 1].std()),
+            "seeds": len(per_seed),
+        })
+    for points in families.values():
+        points.sort(key=lambda q: (q["rate"], q["tag"]))
+    return families
+
+
+def write_tradeoff_plot(path: Path, rows: list[dict]) -> None:
+    """Subject similarity against ordinary-prompt accuracy, one line per method through its
+    learning rates: up and to the right is better (more of the subject, less forgetting)."""
+    families = tradeoff_points(rows)
+    if not families:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 6))
+    for family, points in families.items():
+        x = [q["similarity"] for q in points]
+        y = [100 * q["ordinary"] for q in points]
+        style = dict(lw=2.5, color="k") if family == "lora" else dict(lw=1.2)
+        line = ax.errorbar(x, y, xerr=[q["similarity_std"] for q in points],
+                           yerr=[100 * q["ordinary_std"] for q in points], marker="o", capsize=2,
+                           label=f"{family} (peft)" if family == "lora" else family, **style)
+        for q in points:
+            ax.annotate(q["tag"], (q["similarity"], 100 * q["ordinary"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points", color=line[0].get_color())
+    base = [r for r in rows if r["method"] == "base"]
+    if base:
+        ax.scatter([np.mean([r["subject_similarity"] for r in base])],
+                   [100 * np.mean([r["ordinary_accuracy"] for r in base])], marker="*", s=150, c="k", label="base model")
+    ax.set_xlabel("subject similarity (higher: more of the subject)")
+    ax.set_ylabel("ordinary prompts right after training, % (higher: less forgetting)")
+    ax.set_title("Subject fidelity against forgetting, by learning rate\n(means over subjects and seeds; bars: std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 if __name__ == "__main__":

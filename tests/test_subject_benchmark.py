@@ -57,3 +57,33 @@ def test_resume_keeps_finished_runs_in_the_table(tmp_path):
     (tmp_path / "subject_fidelity.json").write_text("{truncated")
     with pytest.raises(SystemExit, match="cannot resume"):
         mod.previous_runs(tmp_path)
+
+
+def test_tradeoff_points_group_rates_and_average_seeds(tmp_path):
+    mod = load_script("benchmarks/subject_fidelity.py")
+
+    def row(method, seed, subject, similarity, ordinary):
+        return {"subject": subject, "method": method, "seed": seed,
+                "subject_similarity": similarity, "ordinary_accuracy": ordinary}
+
+    rows = [
+        {"subject": "a", "method": "base", "subject_similarity": 0.2, "ordinary_accuracy": 1.0},
+        row("oft @ 1e-3", 0, "a", 0.6, 0.8), row("oft @ 1e-3", 0, "b", 0.8, 0.6),
+        row("oft @ 1e-3", 1, "a", 0.4, 1.0), row("oft @ 1e-3", 1, "b", 0.6, 0.8),
+        row("oft @ 3e-4", 0, "a", 0.3, 0.9),
+        row("oft @ 3e-3 + constraint=0.5", 0, "a", 0.5, 0.5),
+        row("oft @ 3e-3 + constraint=0.3", 0, "a", 0.4, 0.6),
+    ]
+    families = mod.tradeoff_points(rows)
+    assert list(families) == ["oft", "oft + constraint"]
+    oft = families["oft"]
+    assert [q["rate"] for q in oft] == [3e-4, 1e-3]
+    # Seed means 0.7 / 0.5 (similarity) and 0.7 / 0.9 (ordinary): std 0.1 each.
+    assert oft[1]["similarity"] == pytest.approx(0.6) and oft[1]["ordinary"] == pytest.approx(0.8)
+    assert oft[1]["similarity_std"] == pytest.approx(0.1) and oft[1]["ordinary_std"] == pytest.approx(0.1)
+    assert oft[1]["seeds"] == 2 and oft[0]["similarity_std"] == 0.0
+    assert [q["tag"] for q in families["oft + constraint"]] == ["constraint=0.3", "constraint=0.5"]
+    mod.write_tradeoff_plot(tmp_path / "tradeoff.png", rows)
+    from PIL import Image
+
+    assert Image.open(tmp_path / "tradeoff.png").size[0] > 100
