@@ -31,7 +31,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import AdapterConfig
-from .rotations import Mode, Rotation, block_rotated_linear, compute_dtype, scale_shift
+from .rotations import (
+    Mode,
+    Rotation,
+    block_rotated_linear,
+    compute_dtype,
+    output_rotated_linear,
+    rotate_outputs,
+    scale_shift,
+)
 
 
 #: Time of one element pass of a rotation in training (forward and backward), in multiply-adds
@@ -240,21 +248,22 @@ class OrthogonalAdapter(nn.Module):
         if training:
             input_centric *= PASS_COST_IN_MACS
             if self._closed_form(active):
-                weight_centric = PASS_COST_IN_MACS * (2 * weight_centric + n * self.in_dim) / 3
+                rotated_width = self.in_dim if active[0].side == "input" else self.out_dim
+                weight_centric = PASS_COST_IN_MACS * (2 * weight_centric + n * rotated_width) / 3
             else:
                 weight_centric = PASS_COST_IN_MACS * weight_centric + n * self.in_dim * self.out_dim
         return "input-centric" if input_centric <= weight_centric else "weight-centric"
 
     def _closed_form(self, active: list[_Active]) -> bool:
         """Whether the weight-centric path can use
-        :func:`~ortho_diffusion.rotations.block_rotated_linear`: a Linear layer with a frozen
-        weight and one active adapter, on the input side, whose rotation is block-diagonal
-        (OFT, OFTv2 and BOFT: see :meth:`Rotation.block_diagonal`)."""
+        :func:`~ortho_diffusion.rotations.block_rotated_linear` (input side) or
+        :func:`~ortho_diffusion.rotations.output_rotated_linear` (output side): a Linear layer
+        with a frozen weight and one active adapter whose rotation is block-diagonal (OFT,
+        OFTv2 and BOFT: see :meth:`Rotation.block_diagonal`)."""
         return (
             not self.is_conv
             and not self.base_layer.weight.requires_grad
             and len(active) == 1
-            and active[0].side == "input"
             and active[0].rotation.is_block_diagonal
         )
 
@@ -303,8 +312,15 @@ class OrthogonalAdapter(nn.Module):
                 a = active[0]
                 dtype = compute_dtype(next(a.rotation.parameters()).dtype, x.dtype)
                 blocks = a.rotation.block_diagonal(a.scale, dtype, a.n_active_factors)
-                y = block_rotated_linear(x, self.base_layer.weight, blocks)
-                return self._magnitude_and_bias(y, self._total_magnitude(active, torch.float32), bias)
+                magnitude = self._total_magnitude(active, torch.float32)
+                if a.side == "input":
+                    y = block_rotated_linear(x, self.base_layer.weight, blocks)
+                elif magnitude is None:
+                    # The bias inside, so that the output backward keeps is the layer's own.
+                    return output_rotated_linear(x, self.base_layer.weight, blocks, bias)
+                else:
+                    y = output_rotated_linear(x, self.base_layer.weight, blocks)
+                return self._magnitude_and_bias(y, magnitude, bias)
             w = self.transform_weight(self._flat_weight().to(torch.promote_types(x.dtype, torch.float32)), active)
             return self._run_layer(x, w.to(self.base_layer.weight.dtype), bias)
 
@@ -319,6 +335,15 @@ class OrthogonalAdapter(nn.Module):
             if not outs and magnitude is None:
                 return self._run_layer(x, self.base_layer.weight, bias)
             y = self._run_layer(x, self.base_layer.weight, None)
+        if len(outs) == 1 and not self.is_conv and outs[0].rotation.applies_as_blocks(outs[0].n_active_factors):
+            # The same pass with its gradients written out: backward keeps the rotated output
+            # (with the bias inside, the layer's own output) instead of the unrotated one.
+            a = outs[0]
+            blocks = a.rotation.block_diagonal(a.scale, compute_dtype(next(a.rotation.parameters()).dtype, y.dtype),
+                                               a.n_active_factors)
+            if magnitude is None:
+                return rotate_outputs(y, blocks, bias)
+            return self._magnitude_and_bias(rotate_outputs(y, blocks), magnitude, bias)
         for a in outs:
             y = self._rotate_channels(y, a)
         return self._magnitude_and_bias(y, magnitude, bias)

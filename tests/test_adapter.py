@@ -164,10 +164,14 @@ def test_half_precision_base_layers(dtype):
                                 {"method": "oft", "rescale": True}, {"method": "boft"},
                                 {"method": "boft", "rescale": True, "n_factors": 3, "block_size": 2},
                                 {"method": "boft", "butterfly_order": "descending", "neumann_terms": 5},
-                                {"method": "boft", "block_share": True, "active_factors": 1}])
+                                {"method": "boft", "block_share": True, "active_factors": 1},
+                                {"method": "oft", "side": "output"}, {"method": "oftv2", "side": "output"},
+                                {"method": "oft", "side": "output", "rescale": True},
+                                {"method": "boft", "side": "output", "butterfly_order": "descending", "n_factors": 3,
+                                 "block_size": 2}])
 def test_weight_centric_training_gradients_match_input_centric(kw):
-    # OFT, OFTv2 and BOFT on a Linear layer train weight-centric without the full weight
-    # gradient (closed-form block gradients); values and gradients must equal the
+    # OFT, OFTv2 and BOFT on a Linear layer, on either side, train weight-centric without the
+    # full weight gradient (closed-form block gradients); values and gradients must equal the
     # input-centric path.
     kw = dict(kw)
     active_factors = kw.pop("active_factors", None)
@@ -198,8 +202,9 @@ def test_closed_form_applies_only_where_exact():
     assert lin._closed_form(lin._active())
     boft = OrthogonalAdapter(frozen(nn.Linear(16, 8)), "a", config("boft"))  # factors multiply into blocks
     assert boft._closed_form(boft._active())
+    out = OrthogonalAdapter(frozen(nn.Linear(8, 16)), "a", config("oft", side="output"))
+    assert out._closed_form(out._active())
     for other in (OrthogonalAdapter(frozen(nn.Linear(16, 8)), "a", config("goft")),
-                  OrthogonalAdapter(frozen(nn.Linear(8, 16)), "a", config("oft", side="output")),
                   OrthogonalAdapter(frozen(nn.Conv2d(16, 8, 1)), "a", config("oft"))):
         assert not other._closed_form(other._active())
     two = OrthogonalAdapter(frozen(nn.Linear(16, 8)), "a", config("oft"))

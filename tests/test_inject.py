@@ -154,3 +154,34 @@ def test_qgoft_penalty_is_weighted_and_differentiable():
     torch.testing.assert_close(penalty, 0.5 * raw)
     penalty.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in od.adapter_parameters(te))
+
+
+@pytest.mark.parametrize("model_kind", ["sd15", "sdxl", "text"])
+@pytest.mark.parametrize("rescale", [False, True])
+def test_output_side_keeps_outputs_and_trains_like_autograd(model_kind, rescale, monkeypatch):
+    # On the output side both compute paths keep each layer's rotated output for backward
+    # instead of the unrotated one: the real blocks must not modify those outputs in place,
+    # and values and gradients must equal plain autograd through the rotation.
+    from ortho_diffusion.rotations import ButterflyCayleyRotation
+
+    model, run, preset = build(model_kind)
+    od.attach(model, od.AdapterConfig(method="oft", targets=preset, side="output", rescale=rescale, block_size=8))
+    randomize(od.adapter_parameters(model), std=0.05)
+    params = od.adapter_parameters(model)
+    adapters = [m for m in model.modules() if isinstance(m, od.OrthogonalAdapter)]
+    assert adapters and all(m._closed_form(m._active()) for m in adapters if not m.is_conv)
+
+    def train_step(compute):
+        for layer in adapters:
+            layer.compute = compute
+        out = run(model)
+        return out.detach(), torch.autograd.grad(out.square().mean(), params)
+
+    results = {compute: train_step(compute) for compute in ("input-centric", "weight-centric")}
+    with monkeypatch.context() as m:
+        m.setattr(ButterflyCayleyRotation, "applies_as_blocks", lambda self, k=None: False)
+        y_ref, g_ref = train_step("input-centric")  # autograd through Rotation.apply
+    for y, grads in results.values():
+        torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+        for g, gr in zip(grads, g_ref):
+            torch.testing.assert_close(g, gr, atol=1e-5, rtol=1e-4)

@@ -225,6 +225,40 @@ def test_block_rotated_linear_values_gradients_and_shape_errors():
         block_rotated_linear(x, w, blocks[:2])
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("through_weight", [True, False])
+def test_output_rotations_values_gradients_and_what_they_keep(with_bias, through_weight):
+    # output_rotated_linear (R folded into the weight) and rotate_outputs (R applied to x W^T).
+    from ortho_diffusion.rotations import output_rotated_linear, rotate_outputs
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(12, 6, dtype=torch.float64, generator=g)
+    blocks = torch.randn(3, 4, 4, dtype=torch.float64, generator=g, requires_grad=True)  # any invertible blocks
+    bias = torch.randn(12, dtype=torch.float64, generator=g, requires_grad=True) if with_bias else None
+    x = torch.randn(2, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
+
+    def layer(x, blocks, *b):
+        b = b[0] if b else None
+        return output_rotated_linear(x, w, blocks, b) if through_weight else rotate_outputs(x @ w.T, blocks, b)
+
+    dense = torch.block_diag(*blocks.detach())
+    expected = x.detach() @ w.T @ dense.T + (bias.detach() if with_bias else 0)
+    inputs = (x, blocks, bias) if with_bias else (x, blocks)
+    torch.testing.assert_close(layer(*inputs), expected)
+    assert torch.autograd.gradcheck(layer, inputs, eps=1e-6, atol=1e-6)
+    # Backward keeps the layer's output (which the next operation keeps anyway) and no
+    # activation-sized tensor besides: neither x nor the unrotated x W^T.
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        out = (output_rotated_linear(x, w, blocks, bias) if through_weight
+               else rotate_outputs((x @ w.T).detach(), blocks, bias))
+    big = [t for t in kept if t.numel() >= out.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == out.data_ptr()
+    assert x.data_ptr() not in [t.data_ptr() for t in kept]
+    with pytest.raises(ValueError, match="do not tile"):
+        output_rotated_linear(x, w, blocks[:2]) if through_weight else rotate_outputs(x @ w.T, blocks[:2])
+
+
 @pytest.mark.parametrize("layout", [
     dict(dim=32, block_size=4, n_factors=2), dict(dim=64, block_size=4, n_factors=4),
     dict(dim=48, block_size=2, n_factors=3, descending=True), dict(dim=32, block_size=4, n_factors=3, block_share=True),
@@ -276,3 +310,24 @@ def test_scale_shift_values_gradients_and_what_it_keeps(shape, channel_dim, with
     assert (y.data_ptr() in kept) == (magnitude_floor == 0)
     with pytest.raises(ValueError, match="must both be"):
         scale_shift(y, m[:-1], None, channel_dim)
+
+
+@pytest.mark.parametrize("layout,factors,expected", [
+    (dict(dim=32, block_size=8), None, True),
+    (dict(dim=32, block_size=8, neumann_terms=5), None, True),
+    (dict(dim=32, block_size=4, n_factors=3), None, True),
+    (dict(dim=32, block_size=4, n_factors=3), 2, True),
+    (dict(dim=32, block_size=4, n_factors=3), 1, False),  # one factor of several: its own smaller blocks
+    (dict(dim=1024, block_size=128, n_factors=3), None, False),  # product blocks of 512: factor by factor
+])
+def test_applies_as_blocks_says_when_apply_is_one_block_pass(layout, factors, expected):
+    from ortho_diffusion.rotations.butterfly import apply_blocks
+
+    r = ButterflyCayleyRotation(**layout).double()
+    randomize([r.generators], std=0.3)
+    assert r.applies_as_blocks(factors) == expected
+    if expected:
+        x = torch.randn(3, layout["dim"], dtype=torch.float64)
+        blocks = r.block_diagonal(0.7, n_active_factors=factors)
+        torch.testing.assert_close(apply_blocks(x, blocks), r.apply(x, 0.7, factors), atol=1e-12, rtol=0)
+    assert not GivensRotation(16).applies_as_blocks()

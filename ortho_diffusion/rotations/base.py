@@ -108,6 +108,11 @@ class Rotation(nn.Module):
         :attr:`is_block_diagonal`."""
         raise NotImplementedError(f"{type(self).__name__} is not block-diagonal")
 
+    def applies_as_blocks(self, n_active_factors: int | None = None) -> bool:
+        """True when :meth:`apply` is a single pass with :meth:`block_diagonal`'s blocks, so a
+        layer may run that pass itself (with gradients written out) at the same cost."""
+        return False
+
     def penalty(self) -> torch.Tensor:
         """Soft-orthogonality penalty added to the training loss (zero for exact families)."""
         p = next(self.parameters())

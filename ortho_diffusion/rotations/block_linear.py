@@ -17,6 +17,14 @@ Instead, with ``G = gy W``:
 
 So a training step costs the frozen layer's two products plus a single pass over the
 activations, against three passes for rotating them (the input-centric path).
+
+The output side, ``out = x W^T R^T + c`` (bias ``c`` added after the rotation), works the same
+way with ``W'' = R W``: ``gx = gy W''``, and block ``k``'s gradient ``gy_k^T z_k`` (``z = x
+W^T``, the unrotated output) equals ``(gy_k^T y_k) B_k^{-T}`` with ``y = out - c``.  So backward
+needs the layer's own output, not ``z``: the next operation usually keeps that output anyway
+(attention keeps q, k and v), where rotating the outputs directly would keep ``z`` as well.
+:func:`rotate_outputs` does the same when the rotation is applied to ``z`` itself (cheaper
+than rebuilding ``R W`` twice when there are fewer tokens than output channels).
 """
 
 from __future__ import annotations
@@ -76,3 +84,116 @@ def block_rotated_linear(x: torch.Tensor, weight: torch.Tensor, blocks: torch.Te
             f"{tuple(weight.shape)} (x: {tuple(x.shape)})"
         )
     return _BlockRotatedLinear.apply(x, weight, blocks)
+
+
+def _grad_output_blocks(grad_out: torch.Tensor, y: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Gradient of the blocks of ``out = z R^T (+ c)`` from ``y = out - c``: ``(gy_k^T y_k) B_k^-T``,
+    ``(r, b, b)``, exact for any invertible blocks (the Neumann series too)."""
+    r, b, _ = blocks.shape
+    g_blocks = grad_out.to(blocks.dtype).reshape(-1, r, b).transpose(0, 1)  # (r, N, b)
+    y_blocks = y.to(blocks.dtype).reshape(-1, r, b).transpose(0, 1)
+    m = torch.bmm(g_blocks.transpose(1, 2), y_blocks)  # (r, b, b): gy_k^T y_k
+    return torch.linalg.solve(blocks, m.transpose(1, 2)).transpose(1, 2)  # m B^-T = (B^-1 m^T)^T
+
+
+def _grad_bias(grad_out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(bias.dtype)
+
+
+def _row_rotated_weight(weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``R W`` block by block (blocks of output rows): ``(d_out, d_in)`` in ``blocks.dtype``."""
+    r, b, _ = blocks.shape
+    d_out, d_in = weight.shape
+    return torch.bmm(blocks, weight.to(blocks.dtype).reshape(r, b, d_in)).reshape(d_out, d_in)
+
+
+class _OutputRotatedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None):
+        out = F.linear(x, _row_rotated_weight(weight, blocks).to(x.dtype), None if bias is None else bias.to(x.dtype))
+        # The output, not the unrotated z: see the module docstring.
+        ctx.save_for_backward(out, weight, blocks, bias)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        out, weight, blocks, bias = ctx.saved_tensors
+        grad_x = grad_blocks = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_out.to(blocks.dtype) @ _row_rotated_weight(weight, blocks)).to(out.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_blocks = _grad_output_blocks(grad_out, out if bias is None else out - bias.to(out.dtype), blocks)
+        if bias is not None and ctx.needs_input_grad[3]:
+            grad_bias = _grad_bias(grad_out, bias)
+        return grad_x, None, grad_blocks, grad_bias
+
+
+def output_rotated_linear(
+    x: torch.Tensor, weight: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.linear(x, weight) R^T + bias`` for ``R = blockdiag(blocks)`` acting on the outputs,
+    computed as ``x (R W)^T + bias``; backward keeps the output instead of ``x W^T``.
+
+    Args:
+        x: ``(..., d_in)`` activations.
+        weight: ``(d_out, d_in)`` frozen weight (gets no gradient).
+        blocks: ``(d_out / b, b, b)`` rotation blocks ``B_k`` (any invertible matrices);
+            gradients flow to them and to ``x``.
+        bias: ``(d_out,)``, added after the rotation, or ``None``.
+
+    Returns:
+        ``(..., d_out)``. Modifying it in place before backward is an error (autograd's
+        version check), since backward reads it.
+    """
+    r, b, b2 = blocks.shape
+    if b != b2 or r * b != weight.shape[0] or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"blocks {tuple(blocks.shape)} do not tile the output width {weight.shape[0]} of weight "
+            f"{tuple(weight.shape)} (x: {tuple(x.shape)})"
+        )
+    return _OutputRotatedLinear.apply(x, weight, blocks, bias)
+
+
+class _RotateOutputs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None):
+        r, b, _ = blocks.shape
+        rows = z.to(blocks.dtype).reshape(-1, r, b).transpose(0, 1)  # (r, N, b), a strided view
+        out = torch.bmm(rows, blocks.transpose(1, 2)).transpose(0, 1).reshape(z.shape).to(z.dtype)
+        if bias is not None:
+            out.add_(bias.to(out.dtype))  # out is a fresh tensor here
+        ctx.save_for_backward(out, blocks, bias)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        out, blocks, bias = ctx.saved_tensors
+        r, b, _ = blocks.shape
+        grad_z = grad_blocks = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            rows = grad_out.to(blocks.dtype).reshape(-1, r, b).transpose(0, 1)
+            grad_z = torch.bmm(rows, blocks).transpose(0, 1).reshape(out.shape).to(out.dtype)  # gy R
+        if ctx.needs_input_grad[1]:
+            grad_blocks = _grad_output_blocks(grad_out, out if bias is None else out - bias.to(out.dtype), blocks)
+        if bias is not None and ctx.needs_input_grad[2]:
+            grad_bias = _grad_bias(grad_out, bias)
+        return grad_z, grad_blocks, grad_bias
+
+
+def rotate_outputs(z: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``z R^T + bias`` for ``R = blockdiag(blocks)``; backward keeps the result, not ``z``.
+
+    Args:
+        z: ``(..., d)`` layer outputs before the rotation.
+        blocks: ``(d / b, b, b)`` rotation blocks (any invertible matrices); gradients flow to
+            them and to ``z``.
+        bias: ``(d,)`` or ``None``.
+
+    Returns:
+        ``(..., d)``. Modifying it in place before backward is an error (autograd's version
+        check), since backward reads it.
+    """
+    r, b, b2 = blocks.shape
+    if b != b2 or r * b != z.shape[-1]:
+        raise ValueError(f"blocks {tuple(blocks.shape)} do not tile the width {z.shape[-1]} of {tuple(z.shape)}")
+    return _RotateOutputs.apply(z, blocks, bias)

@@ -196,6 +196,10 @@ class ButterflyCayleyRotation(Rotation):
         # only within contiguous groups of b 2^(m-1): any product of them is block-diagonal.
         return True
 
+    def applies_as_blocks(self, n_active_factors: int | None = None) -> bool:
+        active = self.n_factors if n_active_factors is None else max(0, min(n_active_factors, self.n_factors))
+        return (self.n_factors == 1 and active == 1) or (active > 1 and self.group_size <= DENSE_GROUP_MAX)
+
     @property
     def group_size(self) -> int:
         """``B = b 2^(n_factors - 1)``: the size of the diagonal blocks of the whole product."""
