@@ -25,7 +25,7 @@ from PIL import Image
 from .. import inject
 from ..default_model import DEFAULT_GUIDANCE_SCALE
 from ..diffusion import ModelFolderError, load_pipeline
-from ..formats.native import AdapterFileError, architecture_fingerprint, load_adapter
+from ..formats import AdapterFileError, architecture_fingerprint, load_adapter
 from .integrations import NotAvailableError
 from .library import AdapterInfo, AdapterLibrary, LibraryError
 

@@ -8,7 +8,7 @@ Tensors ``control/<parameter>`` (the encoder's ``state_dict``, e.g.
 * ``control.module``: the UNet layer whose output it is added to (``"conv_in"``);
 * ``control.fingerprint``: the architecture fingerprint of that UNet.
 
-:mod:`ortho_diffusion.formats.native` calls these functions (see ``FILE_PARTS``): ``check``
+:mod:`ortho_diffusion.formats` (saving and loading) calls these functions (see ``FILE_PARTS``): ``check``
 validates everything without touching the model, ``load`` then attaches the encoder.
 """
 

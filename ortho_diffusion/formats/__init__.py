@@ -1,19 +1,14 @@
-"""Adapter files: the native format (and, later, exports to other tools' formats)."""
+"""Adapter files: the native format, loading (native, peft and LyCORIS files), exports."""
 
-from .native import (
-    AdapterFile,
-    AdapterFileError,
-    architecture_fingerprint,
-    load_adapter,
-    restore_adapter_values,
-    save_adapter,
-)
+from .load import load_adapter, open_adapter, restore_adapter_values
+from .native import AdapterFile, AdapterFileError, architecture_fingerprint, save_adapter
 
 __all__ = [
     "AdapterFile",
     "AdapterFileError",
     "architecture_fingerprint",
     "load_adapter",
+    "open_adapter",
     "restore_adapter_values",
     "save_adapter",
 ]

@@ -2,7 +2,7 @@
 
 * :class:`NativeBuilder` assembles a converted adapter in the native layout (metadata and
   ``<component>/<module>/<tensor>`` tensors) so that it loads through the one validation
-  path of :func:`~ortho_diffusion.formats.native.load_adapter`.
+  path of :func:`~ortho_diffusion.formats.load.load_adapter`.
 * :func:`effective_skew` gives the generators a rotation really uses at a strength ``t``
   (after the COFT constraint and OFTv2's Neumann guard), which is what exports write.
 * :func:`layer_kinds` tells exports whether each adapted module is a Linear or a Conv2d,

@@ -16,6 +16,7 @@ import torch
 
 from ..inject import _set_submodule, components, iter_adapters
 from .convert import ExportError, atomic_folder, commit_folder
+from .load import load_adapter
 from .native import AdapterFile
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -34,8 +35,6 @@ def export_merged(
         dtype: ``"keep"`` (the base's dtypes) or ``"float32"`` / ``"float16"`` / ``"bfloat16"``.
     """
     from diffusers import DiffusionPipeline
-
-    from .native import load_adapter
 
     if dtype != "keep" and dtype not in DTYPES:
         raise ExportError(f"dtype must be keep or one of {', '.join(DTYPES)}, got {dtype!r}")
