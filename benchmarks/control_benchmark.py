@@ -50,11 +50,11 @@ sys.path.insert(0, str(ROOT))
 import ortho_diffusion as od  # noqa: E402
 from ortho_diffusion import shapes  # noqa: E402
 from ortho_diffusion.control import metrics  # noqa: E402
-from ortho_diffusion.control.pipeline import enable_control  # noqa: E402
 from ortho_diffusion.control.preprocess import TASKS, shapes_control  # noqa: E402
 from ortho_diffusion.default_model import DEFAULT_GUIDANCE_SCALE  # noqa: E402
 from ortho_diffusion.diffusion import load_pipeline  # noqa: E402
-from ortho_diffusion.training.common import atomic_write_bytes, atomic_write_json, image_grid, save_image_atomic, to_pil  # noqa: E402
+from ortho_diffusion.files import atomic_write_bytes, atomic_write_json, save_image_atomic  # noqa: E402
+from ortho_diffusion.images import image_grid, to_pil  # noqa: E402
 
 TARGETS = {"canny": ("canny_f1", ">=", 0.5), "segmentation": ("miou", ">=", 0.7), "landmarks": ("landmark_error_px", "<=", 3.0)}
 

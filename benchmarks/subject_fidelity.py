@@ -59,7 +59,8 @@ from ortho_diffusion.subjects import (  # noqa: E402
     subject_similarity,
     subjects_root,
 )
-from ortho_diffusion.training.common import atomic_write_bytes, atomic_write_json, image_grid, save_image_atomic  # noqa: E402
+from ortho_diffusion.files import atomic_write_bytes, atomic_write_json, save_image_atomic  # noqa: E402
+from ortho_diffusion.images import image_grid  # noqa: E402
 from ortho_diffusion.training.dreambooth import build_parser, train  # noqa: E402
 
 #: Per method: adapter flags giving comparable parameter counts (see the table's column) and

@@ -12,8 +12,6 @@ Public API::
     od.export("subject.safetensors", "lycoris", "subject-comfy.safetensors")
 """
 
-__version__ = "0.1.0"
-
 from .adapter import OrthogonalAdapter
 from .config import METHODS, AdapterConfig
 from .formats import AdapterFileError, load_adapter, save_adapter
@@ -29,6 +27,7 @@ from .inject import (
     summary,
     unmerge,
 )
+from .version import __version__
 
 __all__ = [
     "METHODS",

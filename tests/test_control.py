@@ -15,7 +15,7 @@ from ortho_diffusion.control import data as cdata
 from ortho_diffusion.control import metrics, preprocess
 from ortho_diffusion.formats import AdapterFile
 from ortho_diffusion.testing import tiny_pipeline, tiny_unet, unet_inputs
-from ortho_diffusion.training.images import DataError
+from ortho_diffusion.images import DataError
 
 from conftest import randomize
 

@@ -13,7 +13,7 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
@@ -206,7 +206,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     """Errors of other modules whose messages are written for users (shown as they are)."""
     found: list[type[BaseException]] = []
     for module, name in (("ortho_diffusion.formats.convert", "ExportError"),
-                         ("ortho_diffusion.training.images", "DataError")):
+                         ("ortho_diffusion.images", "DataError")):
         try:
             found.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):

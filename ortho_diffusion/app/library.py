@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import Any
 
 from safetensors import safe_open
 
+from ..files import atomic_file
 from ..formats.native import FORMAT, AdapterFile, AdapterFileError
 
 #: What a library name may look like: it becomes a file name and a pipeline adapter name.
@@ -61,16 +61,8 @@ def inside(root: Path, path: Path) -> Path:
 
 def atomic_copy(src: Path, dst: Path) -> None:
     """Copy ``src`` to a temporary file beside ``dst``, then rename it into place."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
+    with atomic_file(dst) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass

@@ -15,7 +15,6 @@ import html
 import inspect
 import logging
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import gradio as gr

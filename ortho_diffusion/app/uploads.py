@@ -10,18 +10,18 @@ when all of it succeeded.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from ..files import atomic_folder
+from ..images import IMAGE_SUFFIXES
+
 #: Largest image accepted (pixels), far above any training resolution.
 MAX_IMAGE_PIXELS = 4096 * 4096
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 _SAFE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.,()+-]{0,127}$")
 
 
@@ -85,22 +85,14 @@ def save_images(files: list[str | Path], dest: Path, max_images: int = 200, max_
         raise UploadError("no images were uploaded: add a few pictures of your subject")
     if len(files) > max_images:
         raise UploadError(f"{len(files)} files uploaded; at most {max_images} are accepted")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        out = []
+    out = []
+    with atomic_folder(dest) as tmp:
         for i, f in enumerate(files):
             img = open_checked_image(f, max_pixels)
             path = tmp / f"{i:03d}.png"
             img.save(path, format="PNG")
             out.append(dest / path.name)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-        return out
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return out
 
 
 def _safe_member_path(name: str) -> Path | None:
@@ -141,37 +133,29 @@ def extract_zip(
             raise UploadError(f"{name}: {len(members)} files; at most {max_files} are accepted")
         if sum(m.file_size for m in members) > max_total_bytes:
             raise UploadError(f"{name}: unpacks to more than {max_total_bytes // 1024**2} MiB")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
         written, out = 0, []
         try:
-            for m in members:
-                rel = _safe_member_path(m.filename)
-                if rel is None or rel.suffix.lower() not in allowed:
-                    continue
-                target = tmp / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(m) as src, open(target, "wb") as dst:
-                    while chunk := src.read(1 << 20):
-                        written += len(chunk)
-                        if written > max_total_bytes:
-                            raise UploadError(f"{name}: unpacks to more than {max_total_bytes // 1024**2} MiB")
-                        dst.write(chunk)
-                if rel.suffix.lower() in IMAGE_SUFFIXES:
-                    check_image_header(target, name=f"{name}: {rel.as_posix()}")
-                out.append(dest / rel)
-            if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in out):
-                raise UploadError(f"{name}: no images inside (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
+            with atomic_folder(dest) as tmp:
+                for m in members:
+                    rel = _safe_member_path(m.filename)
+                    if rel is None or rel.suffix.lower() not in allowed:
+                        continue
+                    target = tmp / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(m) as src, open(target, "wb") as dst:
+                        while chunk := src.read(1 << 20):
+                            written += len(chunk)
+                            if written > max_total_bytes:
+                                raise UploadError(f"{name}: unpacks to more than {max_total_bytes // 1024**2} MiB")
+                            dst.write(chunk)
+                    if rel.suffix.lower() in IMAGE_SUFFIXES:
+                        check_image_header(target, name=f"{name}: {rel.as_posix()}")
+                    out.append(dest / rel)
+                if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in out):
+                    raise UploadError(f"{name}: no images inside (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
             return out
         except zipfile.BadZipFile as err:
-            shutil.rmtree(tmp, ignore_errors=True)
             raise UploadError(f"{name}: damaged zip archive ({err})") from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
 
 def copy_folder_upload(files: list[str | Path], dest: Path, max_files: int = 50_000) -> list[Path]:
@@ -181,10 +165,8 @@ def copy_folder_upload(files: list[str | Path], dest: Path, max_files: int = 50_
         raise UploadError("the folder upload is empty")
     if len(files) > max_files:
         raise UploadError(f"{len(files)} files uploaded; at most {max_files} are accepted")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        out = []
+    out = []
+    with atomic_folder(dest) as tmp:
         for f in files:
             rel = _safe_member_path(f.name)
             if rel is None or rel.suffix.lower() not in IMAGE_SUFFIXES | {".txt", ".json", ".jsonl", ".csv"}:
@@ -202,10 +184,4 @@ def copy_folder_upload(files: list[str | Path], dest: Path, max_files: int = 50_
             out.append(dest / rel.name)
         if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in out):
             raise UploadError("the uploaded folder holds no images")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-        return out
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return out

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..diffusion import sample_timesteps
+from ..files import atomic_file, atomic_folder, commit_folder
 from .data import ShapesData, build_data, to_tensor, tokenize
 from .models import ModelSizes, make_scheduler, make_text_encoder, make_unet, make_vae
 from .threads import ThreadGovernor
@@ -110,31 +110,6 @@ def warmup_cosine(step: int, warmup: int, progress: float, floor: float) -> floa
     if step < warmup:
         return (step + 1) / warmup
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _atomic_dir(final: Path) -> Path:
-    """A fresh sibling temp folder to write into before :func:`_commit_dir`."""
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _commit_dir(tmp: Path, final: Path) -> None:
-    """Replace ``final`` by ``tmp`` (rename is atomic on one file system)."""
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class BaseTrainer:
@@ -224,9 +199,8 @@ class BaseTrainer:
         # the VAE was trained in this process or reused from work_dir.
         acc.free_memory()
         if acc.is_main_process:
-            tmp = _atomic_dir(done)
-            vae.save_pretrained(tmp)
-            _commit_dir(tmp, done)
+            with atomic_folder(done) as tmp:
+                vae.save_pretrained(tmp)
         acc.wait_for_everyone()
         self._phase_time("vae", time.time() - t0, steps=steps_done, final_rec_loss=rec.item())
         return vae
@@ -255,10 +229,10 @@ class BaseTrainer:
         vae.register_to_config(scaling_factor=scaling)
         latents = raw * scaling
         if self.accelerator.is_main_process:
-            _atomic_torch_save({"latents": latents, "scaling_factor": scaling}, path)
-            tmp = _atomic_dir(self.work / "vae")
-            vae.save_pretrained(tmp)
-            _commit_dir(tmp, self.work / "vae")
+            with atomic_file(path) as tmp:
+                torch.save({"latents": latents, "scaling_factor": scaling}, tmp)
+            with atomic_folder(self.work / "vae") as tmp:
+                vae.save_pretrained(tmp)
         self.accelerator.wait_for_everyone()
         self._phase_time("encode", time.time() - t0, scaling_factor=scaling, latent_mean=float(latents.mean()),
                          reconstruction_detector_accuracy=recon_acc)
@@ -296,7 +270,7 @@ class BaseTrainer:
         acc.save_state(str(tmp))
         if acc.is_main_process:
             (tmp / "step.json").write_text(json.dumps({"step": step}))
-            _commit_dir(tmp, final)
+            commit_folder(tmp, final)
             ckpts = sorted(self.work.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
             for old in ckpts[: -self.cfg.checkpoints_total_limit]:
                 shutil.rmtree(old)
@@ -437,9 +411,8 @@ class BaseTrainer:
                 scheduler=make_scheduler(), safety_checker=None, feature_extractor=None,
                 requires_safety_checker=False,
             )
-            tmp = _atomic_dir(out)
-            pipe.save_pretrained(tmp, safe_serialization=True)
-            _commit_dir(tmp, out)
+            with atomic_folder(out) as tmp:
+                pipe.save_pretrained(tmp, safe_serialization=True)
         self.accelerator.wait_for_everyone()
         return out
 

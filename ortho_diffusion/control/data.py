@@ -13,7 +13,7 @@
 
 Every row is decoded and checked before training starts: a missing file, an unreadable
 image, an image and conditioning image of different sizes, an empty source: each raises
-:class:`~ortho_diffusion.training.images.DataError` naming the row.
+:class:`~ortho_diffusion.images.DataError` naming the row.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..training.images import IMAGE_SUFFIXES, DataError, open_image
+from ..images import IMAGE_SUFFIXES, DataError, open_image
 
 TABLE_NAMES = ("metadata.jsonl", "metadata.csv")
 
@@ -264,7 +264,7 @@ def write_shapes_dataset(folder: str | Path, task: str, n: int, first_seed: int 
     ``task`` map (``canny``, ``segmentation`` or ``landmarks``).  Returns the metadata path.
     """
     from ..shapes import caption, render, scene_from_seed
-    from ..training.common import atomic_write_bytes, save_image_atomic
+    from ..files import atomic_write_bytes, save_image_atomic
     from .preprocess import shapes_control
 
     folder = Path(folder)

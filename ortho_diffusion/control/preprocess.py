@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..training.images import DataError
+from ..images import DataError
 
 TASKS = ("canny", "segmentation", "landmarks")
 

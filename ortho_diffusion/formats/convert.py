@@ -26,7 +26,8 @@ from ..adapter import OrthogonalAdapter
 from ..config import AdapterConfig
 from ..inject import components
 from ..rotations import ButterflyCayleyRotation, pack_skew
-from .native import FORMAT, FORMAT_VERSION, AdapterFile, AdapterFileError, _library_version
+from ..version import __version__
+from .native import FORMAT, FORMAT_VERSION, AdapterFile, AdapterFileError
 
 
 class ExportError(ValueError):
@@ -57,7 +58,7 @@ class NativeBuilder:
         self.entries.setdefault(component, {})[module] = (config, tensors)
 
     def build(self, source: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> AdapterFile:
-        metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": _library_version()}
+        metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__}
         tensors: dict[str, torch.Tensor] = {}
         comps = [c for c in ("unet", "text_encoder", "text_encoder_2", "model") if c in self.entries]
         for comp in comps:
@@ -184,29 +185,6 @@ def layer_kinds(file: AdapterFile, base: Any = None) -> dict[tuple[str, str], La
             else:
                 out[(comp, path)] = None
     return out
-
-
-def atomic_folder(out: Path) -> Path:
-    """A fresh temporary folder beside ``out`` (renamed onto ``out`` by :func:`commit_folder`)."""
-    import tempfile
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-
-
-def commit_folder(tmp: Path, out: Path) -> None:
-    """Replace ``out`` by ``tmp`` (an existing ``out`` is moved aside first, then deleted)."""
-    import shutil
-
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
 
 
 def read_error(path: Path, message: str) -> AdapterFileError:

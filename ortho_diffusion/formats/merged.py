@@ -8,14 +8,14 @@ The merge runs in float64 and is cast once to the base's dtype (or ``dtype``).
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..files import atomic_folder
 from ..inject import _set_submodule, components, iter_adapters
-from .convert import ExportError, atomic_folder, commit_folder
+from .convert import ExportError
 from .load import load_adapter
 from .native import AdapterFile
 
@@ -58,11 +58,6 @@ def export_merged(
             if dtype != "keep":
                 module.to(DTYPES[dtype])
     out = Path(out)
-    tmp = atomic_folder(out)
-    try:
+    with atomic_folder(out) as tmp:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
-        commit_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

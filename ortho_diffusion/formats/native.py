@@ -24,7 +24,6 @@ import hashlib
 import importlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,8 @@ from torch import nn
 
 from ..adapter import OrthogonalAdapter
 from ..config import AdapterConfig
+from ..files import atomic_file
+from ..version import __version__
 from ..inject import components, iter_adapters, iter_extensions
 
 FORMAT = "ortho-diffusion.adapter"
@@ -54,12 +55,6 @@ def part_handler(part: str):
 
 class AdapterFileError(ValueError):
     """An adapter file cannot be used with this model; the message names file and module."""
-
-
-def _library_version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 def architecture_fingerprint(module: nn.Module) -> str:
@@ -94,17 +89,8 @@ def adapter_tensors(layer: OrthogonalAdapter, name: str) -> dict[str, torch.Tens
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
     """Write a safetensors file to a temporary name in the same folder, then rename it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def _pick_adapter_name(x: Any, adapter_name: str | None) -> str:
@@ -143,7 +129,7 @@ def save_adapter(
     """
     name = _pick_adapter_name(x, adapter_name)
     tensors: dict[str, torch.Tensor] = {}
-    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": _library_version()}
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__}
     comps = []
     for comp, module in components(x).items():
         layers = [(p, a) for _, p, a in iter_adapters(module) if name in a.rotations]

@@ -37,12 +37,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import AdapterConfig
+from ..files import atomic_folder
 from ..rotations import pack_skew, unpack_skew
 from .convert import (
     ExportError,
     NativeBuilder,
-    atomic_folder,
-    commit_folder,
     effective_magnitude,
     effective_skew,
     expand_blocks,
@@ -175,20 +174,13 @@ def export_peft(file: AdapterFile, out: str | os.PathLike, base: Any = None, sca
         plans.append((comp, config, weights))
     written = []
     single = len(plans) == 1
-    tmp = atomic_folder(out)
-    try:
+    with atomic_folder(out) as tmp:
         for comp, config, weights in plans:
             folder = tmp if single else tmp / comp
             folder.mkdir(parents=True, exist_ok=True)
             (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
             save_file(weights, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
             written.append(out if single else out / comp)
-        commit_folder(tmp, out)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return written
 
 

@@ -8,22 +8,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
-from PIL import Image
 
 from ..config import AdapterConfig
 from ..default_model import DEFAULT_GUIDANCE_SCALE
+from ..files import atomic_folder
 
 
 class TrainingError(RuntimeError):
@@ -173,7 +169,7 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = 
 def run_main(run: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser, argv=None) -> int:
     """Parse, run, and turn expected failures into one ``error: ...`` line and exit code 2."""
     from ..formats import AdapterFileError
-    from .images import DataError
+    from ..images import DataError
 
     try:
         args = parse_with_config(parser, argv)
@@ -182,55 +178,6 @@ def run_main(run: Callable[[argparse.Namespace], Any], parser: argparse.Argument
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
-
-
-# ----------------------------------------------------------------------- outputs
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: str | Path, data: Any) -> None:
-    """JSON, atomically."""
-    atomic_write_bytes(path, json.dumps(data, indent=2, default=str).encode())
-
-
-def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
-    """Tile equally sized images into one grid image."""
-    cols = cols or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, img in enumerate(images):
-        grid.paste(img.convert("RGB"), ((i % cols) * w, (i // cols) * h))
-    return grid
-
-
-def save_image_atomic(img: Image.Image, path: str | Path) -> None:
-    """PNG, atomically."""
-    import io
-
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def to_pil(images: torch.Tensor | np.ndarray | list) -> list[Image.Image]:
-    """Pipeline output (PIL list, or arrays in [0, 1] of shape (B, H, W, 3)) to PIL images."""
-    if isinstance(images, list) and images and isinstance(images[0], Image.Image):
-        return images
-    arr = np.asarray(images)
-    return [Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8)) for a in arr]
 
 
 # -------------------------------------------------------------------- checkpoints
@@ -287,20 +234,13 @@ class CheckpointManager:
         """Write checkpoint ``step`` atomically and prune old ones beyond ``total_limit``."""
         self.folder.mkdir(parents=True, exist_ok=True)
         final = self.folder / f"{CHECKPOINT_PREFIX}{step:06d}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.folder))
-        try:
+        with atomic_folder(final) as tmp:
             write_adapter(tmp / "adapter.safetensors")
             torch.save(
                 {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()},
                 tmp / "training_state.pt",
             )
             (tmp / "state.json").write_text(json.dumps({**state, "step": step}, default=str))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         if self.total_limit:
             for old in self.all()[: -self.total_limit]:
                 shutil.rmtree(old, ignore_errors=True)

@@ -25,19 +25,10 @@ from ..control.preprocess import TASKS, PreprocessError, canny, preprocess
 from ..diffusion import PromptEmbeddings, denoising_loss, encode_images, encode_prompts, load_pipeline
 from ..formats import restore_adapter_values, save_adapter
 from ..formats.native import AdapterFileError
-from .common import (
-    TrainingError,
-    Timer,
-    adapter_configs,
-    add_adapter_args,
-    add_common_args,
-    atomic_write_json,
-    image_grid,
-    save_image_atomic,
-    to_pil,
-)
+from ..files import atomic_write_json, save_image_atomic
+from .common import TrainingError, Timer, adapter_configs, add_adapter_args, add_common_args
 from .dreambooth import _log_images, attach_lora, resolve_model_path, restore_lora, save_lora
-from .images import DataError, open_image
+from ..images import DataError, image_grid, open_image, to_pil
 from .loop import init_trackers, make_accelerator, train_loop
 
 ADAPTER_NAME = "default"

@@ -18,18 +18,9 @@ from .. import inject
 from ..diffusion import ModelFolderError, encode_images, encode_prompts, load_pipeline, pipeline_class_name
 from ..formats import restore_adapter_values, save_adapter
 from ..formats.native import AdapterFileError
-from .common import (
-    TrainingError,
-    Timer,
-    adapter_configs,
-    add_adapter_args,
-    add_common_args,
-    atomic_write_json,
-    image_grid,
-    save_image_atomic,
-    to_pil,
-)
-from .images import IMAGE_SUFFIXES, DataError, load_image_folder
+from ..files import atomic_write_json, save_image_atomic
+from .common import TrainingError, Timer, adapter_configs, add_adapter_args, add_common_args
+from ..images import IMAGE_SUFFIXES, DataError, image_grid, load_image_folder, to_pil
 from .loop import init_trackers, make_accelerator, train_loop
 
 ADAPTER_NAME = "default"

@@ -1,7 +1,8 @@
-"""Image folders for training: load, check, resize, with errors that name the file."""
+"""Image files: load, check, resize (with errors that name the file), folders of training images, grids."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,3 +80,22 @@ def load_image_folder(folder: str | Path, resolution: int, center_crop: bool = T
     if not examples:
         raise DataError(f"{folder}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     return examples
+
+
+def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
+    """Tile equally sized images into one grid image."""
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, img in enumerate(images):
+        grid.paste(img.convert("RGB"), ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def to_pil(images: torch.Tensor | np.ndarray | list) -> list[Image.Image]:
+    """Pipeline output (PIL list, or arrays in [0, 1] of shape (B, H, W, 3)) to PIL images."""
+    if isinstance(images, list) and images and isinstance(images[0], Image.Image):
+        return images
+    arr = np.asarray(images)
+    return [Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8)) for a in arr]
