@@ -347,6 +347,7 @@ def write_results(out: Path, rows: list[dict], samples: dict, methods: list[str]
         )
     if extra_lines:
         lines += ["", "Paper metrics (local encoders):", *extra_lines]
+    lines += tradeoff_lines(rows)
     atomic_write_bytes(out / "subject_fidelity.md", ("\n".join(lines) + "\n").encode())
     atomic_write_json(out / "subject_fidelity.json", rows)
     # Only variants with samples from this invocation (resumed rows have none).
@@ -388,6 +389,59 @@ def tradeoff_points(rows: list[dict]) -> dict[str, list[dict]]:
     for points in families.values():
         points.sort(key=lambda q: (q["rate"], q["tag"]))
     return families
+
+
+def frontier(points: list[dict]) -> list[tuple[float, float]]:
+    """The best trade-offs of one family: ``(similarity, ordinary)`` points that no other point
+    beats on both (more subject and less forgetting), by rising similarity."""
+    pts = sorted(((q["similarity"], q["ordinary"]) for q in points), key=lambda p: (-p[0], -p[1]))
+    best, out = -1.0, []
+    for sim, ordinary in pts:  # from the most similar down: keep a point if it forgets less than all above it
+        if ordinary > best:
+            out.append((sim, ordinary))
+            best = ordinary
+    return out[::-1]
+
+
+def ordinary_at(front: list[tuple[float, float]], similarity: float) -> float | None:
+    """Ordinary-prompt accuracy on a frontier at ``similarity`` (linear between its points),
+    or ``None`` outside the frontier's span: no extrapolation."""
+    if not front or not front[0][0] <= similarity <= front[-1][0]:
+        return None
+    for (s0, o0), (s1, o1) in zip(front, front[1:]):
+        if s0 <= similarity <= s1:
+            return o0 if s1 == s0 else o0 + (o1 - o0) * (similarity - s0) / (s1 - s0)
+    return front[-1][1]
+
+
+def tradeoff_lines(rows: list[dict], baseline: str = "lora", step: float = 0.025) -> list[str]:
+    """Markdown: each family's ordinary-prompt accuracy against the baseline's at equal
+    subject similarity, on a grid over the span both frontiers cover (families with at least
+    two rates only: one point has no span)."""
+    families = tradeoff_points(rows)
+    if baseline not in families or len(families[baseline]) < 2:
+        return []
+    base_front = frontier(families[baseline])
+    lines = []
+    for family, points in families.items():
+        if family == baseline or len(points) < 2:
+            continue
+        front = frontier(points)
+        lo, hi = max(front[0][0], base_front[0][0]), min(front[-1][0], base_front[-1][0])
+        if hi <= lo:
+            continue
+        grid = [lo + i * step for i in range(int((hi - lo) / step + 1e-9) + 1)]
+        if hi - grid[-1] > 1e-9:
+            grid.append(hi)
+        cells = []
+        for sim in grid:
+            a, b = ordinary_at(front, sim), ordinary_at(base_front, sim)
+            cells.append(f"{sim:.3f}: {a:.0%} vs {b:.0%}")
+        lines.append(f"- {family} vs {baseline}: " + "; ".join(cells))
+    if lines:
+        lines = ["", f"Ordinary prompts right at equal subject similarity (each method's best trade-offs over its "
+                     f"learning rates, linear between rates; method vs {baseline}):", *lines]
+    return lines
 
 
 def write_tradeoff_plot(path: Path, rows: list[dict]) -> None:

@@ -87,3 +87,25 @@ def test_tradeoff_points_group_rates_and_average_seeds(tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "tradeoff.png").size[0] > 100
+
+
+def test_frontier_keeps_undominated_points_and_interpolates_within_its_span():
+    mod = load_script("benchmarks/subject_fidelity.py")
+    points = [{"similarity": s, "ordinary": o} for s, o in [(0.5, 0.9), (0.6, 0.7), (0.55, 0.6), (0.7, 0.4), (0.65, 0.3)]]
+    # (0.55, 0.6) is beaten by (0.6, 0.7); (0.65, 0.3) by (0.7, 0.4).
+    front = mod.frontier(points)
+    assert front == [(0.5, 0.9), (0.6, 0.7), (0.7, 0.4)]
+    assert mod.ordinary_at(front, 0.55) == pytest.approx(0.8)
+    assert mod.ordinary_at(front, 0.7) == pytest.approx(0.4)
+    assert mod.ordinary_at(front, 0.45) is None and mod.ordinary_at(front, 0.71) is None
+
+    def rows(method, pairs):
+        return [{"subject": "a", "method": f"{method} @ {rate}", "seed": 0, "subject_similarity": s,
+                 "ordinary_accuracy": o} for rate, s, o in pairs]
+
+    table = mod.tradeoff_lines(rows("lora", [("1e-4", 0.5, 0.9), ("1e-3", 0.7, 0.5)])
+                               + rows("oft", [("1e-3", 0.6, 0.8), ("3e-3", 0.8, 0.6)])
+                               + rows("goft", [("1e-3", 0.6, 0.8)]), step=0.05)
+    # OFT spans 0.6-0.8, LoRA 0.5-0.7: compared on 0.6-0.7 only; GOFT has a single rate.
+    assert table[-1] == "- oft vs lora: 0.600: 80% vs 70%; 0.650: 75% vs 60%; 0.700: 70% vs 50%"
+    assert not any("goft" in line for line in table)
