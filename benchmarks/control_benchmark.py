@@ -352,8 +352,12 @@ def markdown(result: dict) -> str:
     if result.get("compare"):
         task = result["compare"][0]["task"]
         key = TARGETS[task][0]
-        lines += [f"## Methods compared on {task} (same data, steps, batch, learning rate)", "",
-                  f"Mean ± standard deviation of {key} over the training seeds; the same with an empty prompt.", "",
+        recipe = result.get("compare_recipe")
+        lines += [f"## Methods compared on {task} (same data, steps, batch, learning rate)", ""]
+        if recipe:
+            lines += [f"{recipe['steps']} steps of batch {recipe['batch']} at learning rate {recipe['learning_rate']:g}, "
+                      f"{recipe['proportion_empty_prompts']:.0%} empty prompts.", ""]
+        lines += [f"Mean ± standard deviation of {key} over the training seeds; the same with an empty prompt.", "",
                   "| method | seeds | with the caption | empty prompt | trainable params (encoder + adapter) | training time |",
                   "|---|---|---|---|---|---|"]
         for m in result["compare_means"]:
@@ -422,6 +426,8 @@ def main(argv=None) -> int:
     if args.compare:
         result["compare"] = compare(args, model, scenes, Path(args.work_dir))
         result["compare_means"] = compare_means(result["compare"])
+        result["compare_recipe"] = {"steps": args.compare_steps, "batch": args.batch, "learning_rate": args.learning_rate,
+                                    "proportion_empty_prompts": args.proportion_empty_prompts}
         boft_runs = [r for r in result["compare"] if r["method"] == "boft"]
         if boft_runs and not args.boft_adapter:
             args.boft_adapter = boft_runs[0]["adapter"]

@@ -28,6 +28,10 @@ def test_compare_means_average_each_method_over_its_seeds():
     table = mod.markdown({"model": "m", "eval_scenes": 2, "first_eval_seed": 0, "sample_steps": 2, "guidance_scale": 3.0,
                           "machine": "x", "compare": rows, "compare_means": list(means.values())})
     assert "| oft | 2 | 0.550 ± 0.071 | 0.300 ± 0.141 |" in table
+    recipe = {"steps": 2000, "batch": 16, "learning_rate": 3e-3, "proportion_empty_prompts": 0.5}
+    table = mod.markdown({"model": "m", "eval_scenes": 2, "first_eval_seed": 0, "sample_steps": 2, "guidance_scale": 3.0,
+                          "machine": "x", "compare": rows, "compare_means": list(means.values()), "compare_recipe": recipe})
+    assert "2000 steps of batch 16 at learning rate 0.003, 50% empty prompts." in table
 
 
 def test_a_finished_run_is_recognised_only_with_the_same_training_arguments(tmp_path: Path):
