@@ -184,10 +184,6 @@ class ButterflyCayleyRotation(Rotation):
         q = self.skew(scale, dtype)
         if self.neumann_terms is None:
             return cayley(q)
-        if torch.is_grad_enabled() and q.requires_grad:
-            # The series keeps two (b, b) products per term for backward: at width 1280 that is
-            # more than the layer's activations.  Recomputing it costs a few small products.
-            return checkpoint(cayley_neumann, q, self.neumann_terms, use_reentrant=False)
         return cayley_neumann(q, self.neumann_terms)
 
     @property
