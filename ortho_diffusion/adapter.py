@@ -272,6 +272,12 @@ class OrthogonalAdapter(nn.Module):
             return self.base_layer._conv_forward(x, weight.reshape(self.base_layer.weight.shape), bias)
         return F.linear(x, weight, bias)
 
+    @staticmethod
+    def _block_diagonal(a: _Active, x_dtype: torch.dtype) -> torch.Tensor:
+        """``a``'s rotation as its diagonal blocks ``(d / B, B, B)``, in the compute dtype for ``x_dtype``."""
+        dtype = compute_dtype(next(a.rotation.parameters()).dtype, x_dtype)
+        return a.rotation.block_diagonal(a.scale, dtype, a.n_active_factors)
+
     def _rotate_channels(self, x: torch.Tensor, a: _Active, mode: Mode = Mode.FORWARD) -> torch.Tensor:
         """Rotate the feature dimension: last for Linear inputs, dim 1 for conv maps."""
         if self.is_conv:
@@ -310,8 +316,7 @@ class OrthogonalAdapter(nn.Module):
         if path == "weight-centric":
             if self._closed_form(active):
                 a = active[0]
-                dtype = compute_dtype(next(a.rotation.parameters()).dtype, x.dtype)
-                blocks = a.rotation.block_diagonal(a.scale, dtype, a.n_active_factors)
+                blocks = self._block_diagonal(a, x.dtype)
                 magnitude = self._total_magnitude(active, torch.float32)
                 if a.side == "input":
                     y = block_rotated_linear(x, self.base_layer.weight, blocks)
@@ -338,9 +343,7 @@ class OrthogonalAdapter(nn.Module):
         if len(outs) == 1 and not self.is_conv and outs[0].rotation.applies_as_blocks(outs[0].n_active_factors):
             # The same pass with its gradients written out: backward keeps the rotated output
             # (with the bias inside, the layer's own output) instead of the unrotated one.
-            a = outs[0]
-            blocks = a.rotation.block_diagonal(a.scale, compute_dtype(next(a.rotation.parameters()).dtype, y.dtype),
-                                               a.n_active_factors)
+            blocks = self._block_diagonal(outs[0], y.dtype)
             if magnitude is None:
                 return rotate_outputs(y, blocks, bias)
             return self._magnitude_and_bias(rotate_outputs(y, blocks), magnitude, bias)

@@ -335,7 +335,7 @@ def test_scale_shift_values_gradients_and_what_it_keeps(shape, channel_dim, with
     (dict(dim=1024, block_size=128, n_factors=3), None, False),  # product blocks of 512: factor by factor
 ])
 def test_applies_as_blocks_says_when_apply_is_one_block_pass(layout, factors, expected):
-    from ortho_diffusion.rotations.butterfly import apply_blocks
+    from ortho_diffusion.rotations.block_linear import apply_blocks
 
     r = ButterflyCayleyRotation(**layout).double()
     randomize([r.generators], std=0.3)

@@ -35,8 +35,8 @@ from torch import nn
 from ..adapter import OrthogonalAdapter
 from ..config import AdapterConfig
 from ..files import atomic_file
-from ..version import __version__
 from ..inject import components, iter_adapters, iter_extensions
+from ..version import __version__
 
 FORMAT = "ortho-diffusion.adapter"
 FORMAT_VERSION = "1"

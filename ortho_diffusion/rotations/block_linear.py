@@ -33,6 +33,15 @@ import torch
 import torch.nn.functional as F
 
 
+def apply_blocks(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Rows ``x`` ``(..., dim)`` times ``blockdiag(blocks)^T`` for contiguous ``blocks``
+    ``(dim / B, B, B)``: each ``B``-slice ``v`` of a row becomes ``block v``.  Computed in
+    ``blocks.dtype``, returned in ``x.dtype``."""
+    r, size, _ = blocks.shape
+    rows = x.to(blocks.dtype).reshape(-1, r, size).transpose(0, 1)  # (r, n, B), a strided view
+    return torch.bmm(rows, blocks.transpose(1, 2)).transpose(0, 1).reshape(x.shape).to(x.dtype)
+
+
 def _rotated_weight(weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """``W R`` block by block: ``(d_out, d_in)`` in ``blocks.dtype``."""
     r, b, _ = blocks.shape
@@ -157,9 +166,7 @@ def output_rotated_linear(
 class _RotateOutputs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None):
-        r, b, _ = blocks.shape
-        rows = z.to(blocks.dtype).reshape(-1, r, b).transpose(0, 1)  # (r, N, b), a strided view
-        out = torch.bmm(rows, blocks.transpose(1, 2)).transpose(0, 1).reshape(z.shape).to(z.dtype)
+        out = apply_blocks(z, blocks)
         if bias is not None:
             out.add_(bias.to(out.dtype))  # out is a fresh tensor here
         ctx.save_for_backward(out, blocks, bias)
@@ -168,11 +175,9 @@ class _RotateOutputs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         out, blocks, bias = ctx.saved_tensors
-        r, b, _ = blocks.shape
         grad_z = grad_blocks = grad_bias = None
         if ctx.needs_input_grad[0]:
-            rows = grad_out.to(blocks.dtype).reshape(-1, r, b).transpose(0, 1)
-            grad_z = torch.bmm(rows, blocks).transpose(0, 1).reshape(out.shape).to(out.dtype)  # gy R
+            grad_z = apply_blocks(grad_out, blocks.transpose(1, 2)).to(out.dtype)  # gy R
         if ctx.needs_input_grad[1]:
             grad_blocks = _grad_output_blocks(grad_out, out if bias is None else out - bias.to(out.dtype), blocks)
         if bias is not None and ctx.needs_input_grad[2]:

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .base import Mode, Rotation, compute_dtype, project_norm
+from .block_linear import apply_blocks
 from .cayley import cayley, cayley_neumann, n_packed, unpack_skew
 
 #: Guard of the Cayley-Neumann series: each block's generator is scaled down to this
@@ -36,15 +37,6 @@ NEUMANN_MAX_NORM = 0.5
 #: (measured up to 256 at width 1280: dense still 1.5-2x faster; at ``B = dim`` it is a full
 #: matrix product).
 DENSE_GROUP_MAX = 256
-
-
-def apply_blocks(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """Rows ``x`` ``(..., dim)`` times ``blockdiag(blocks)^T`` for contiguous ``blocks``
-    ``(dim / B, B, B)``: each ``B``-slice ``v`` of a row becomes ``block v``.  Computed in
-    ``blocks.dtype``, returned in ``x.dtype``."""
-    r, size, _ = blocks.shape
-    rows = x.to(blocks.dtype).reshape(-1, r, size).transpose(0, 1)  # (r, n, B), a strided view
-    return torch.bmm(rows, blocks.transpose(1, 2)).transpose(0, 1).reshape(x.shape).to(x.dtype)
 
 
 def butterfly_error(dim: int, block_size: int, n_factors: int) -> str | None:
@@ -192,8 +184,12 @@ class ButterflyCayleyRotation(Rotation):
         # only within contiguous groups of b 2^(m-1): any product of them is block-diagonal.
         return True
 
+    def _n_active(self, n_active_factors: int | None) -> int:
+        """How many of the factors ``n_active_factors`` keeps (``None``: all)."""
+        return self.n_factors if n_active_factors is None else max(0, min(n_active_factors, self.n_factors))
+
     def applies_as_blocks(self, n_active_factors: int | None = None) -> bool:
-        active = self.n_factors if n_active_factors is None else max(0, min(n_active_factors, self.n_factors))
+        active = self._n_active(n_active_factors)
         return (self.n_factors == 1 and active == 1) or (active > 1 and self.group_size <= DENSE_GROUP_MAX)
 
     @property
@@ -214,7 +210,7 @@ class ButterflyCayleyRotation(Rotation):
         if self.n_factors == 1:
             return self.blocks(scale, dtype)[0].expand(self.n_blocks, -1, -1)
         size = self.group_size
-        active = self.n_factors if n_active_factors is None else max(0, min(n_active_factors, self.n_factors))
+        active = self._n_active(n_active_factors)
         combs = torch.eye(size, dtype=dtype, device=self.generators.device).repeat(1, self.dim // size)
         images = self._apply_factors(combs, scale, active, Mode.FORWARD)  # (B, dim): row j = R comb_j
         return images.reshape(size, self.dim // size, size).permute(1, 2, 0)
@@ -226,7 +222,7 @@ class ButterflyCayleyRotation(Rotation):
         n_active_factors: int | None = None,
         mode: Mode = Mode.FORWARD,
     ) -> torch.Tensor:
-        active = self.n_factors if n_active_factors is None else max(0, min(n_active_factors, self.n_factors))
+        active = self._n_active(n_active_factors)
         if active > 1 and self.group_size <= DENSE_GROUP_MAX:
             # One pass with the product's dense blocks instead of one pass (and a gather) per
             # factor: 2-3x faster for forward plus backward at SD widths (B = 16 to 256).
