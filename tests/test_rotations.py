@@ -140,7 +140,7 @@ def test_invalid_butterfly_layout_proposes_valid_ones():
 
 @pytest.mark.parametrize("terms", [0, 1, 5])
 def test_cayley_neumann_is_the_series_with_exact_gradients(terms):
-    # Written-out backward (Horner on a block matrix): values equal the plain series, and
+    # Written-out backward (the Horner iterates walked back): values equal the plain series, and
     # float64 gradcheck holds for skew and general generators, batched as (factors, blocks).
     g = torch.Generator().manual_seed(terms)
     a = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=g)
@@ -150,6 +150,37 @@ def test_cayley_neumann_is_the_series_with_exact_gradients(terms):
         series = sum(torch.linalg.matrix_power(q.detach(), i) for i in range(terms + 1)) + 0 * eye
         torch.testing.assert_close(cayley_neumann(q, terms), (eye + q.detach()) @ series)
         assert torch.autograd.gradcheck(lambda q: cayley_neumann(q, terms), (q,))
+
+
+@pytest.mark.parametrize("size, spread", [(4, 0.001), (8, 0.002), (32, 0.0005), (32, 0.5)])
+def test_exact_cayley_matches_the_inverse_on_both_paths(size, spread):
+    # Small generators take the product series (CPU), large ones the batched inverse; both
+    # give (I + Q)(I - Q)^-1 to float precision with exact float64 gradients.
+    from ortho_diffusion.rotations.cayley import _inverse_by_series
+
+    g = torch.Generator().manual_seed(size)
+    q = unpack_skew(spread * torch.randn(2, 3, size * (size - 1) // 2, dtype=torch.float64, generator=g), size)
+    eye = torch.eye(size, dtype=torch.float64)
+    reference = (eye + q) @ torch.linalg.inv(eye - q)
+    assert (_inverse_by_series(q.reshape(-1, size, size)) is None) == (spread == 0.5)
+    torch.testing.assert_close(cayley(q), reference, rtol=0, atol=1e-13)
+    torch.testing.assert_close(cayley(q.float()), reference.float(), rtol=0, atol=2e-6)
+    rotation = cayley(q.float()).double()
+    assert (rotation @ rotation.transpose(-1, -2) - eye).abs().max() < 2e-6
+    small = q[0, :1].clone().requires_grad_(True) if size == 32 else q.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(cayley, (small,))
+
+
+def test_float32_series_covers_trained_generators():
+    # Spectral norms of 0.3-0.6 (the shipped control adapters' range) still take the series
+    # in float32, accurate to float32 rounding.
+    from ortho_diffusion.rotations.cayley import _inverse_by_series
+
+    q = unpack_skew(0.04 * torch.randn(40, 496, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), 32)
+    assert 0.3 < torch.linalg.matrix_norm(q, 2).max() < 0.6
+    assert _inverse_by_series(q.float()) is not None
+    eye = torch.eye(32, dtype=torch.float64)
+    torch.testing.assert_close(cayley(q.float()).double(), (eye + q) @ torch.linalg.inv(eye - q), rtol=0, atol=2e-6)
 
 
 def test_cayley_neumann_approaches_exact_cayley():

@@ -30,52 +30,104 @@ def pack_skew(q: torch.Tensor) -> torch.Tensor:
     return q[..., rows, cols]
 
 
+def _series_max_factors(block_size: int) -> int:
+    """Most factors the product series may take for ``block_size`` blocks.  Forward plus
+    backward on the CPU (1 and 2 threads), it beats the batched inverse up to about 4 factors
+    for ``b = 8``, 6 for 16 and 8 to 10 for 32 and 64."""
+    return min(8, 2 + block_size // 4)
+
+
+def _inverse_by_series(q: torch.Tensor) -> torch.Tensor | None:
+    """``(I - Q)^-1`` of skew ``(n, b, b)`` blocks as ``(I + Q)(I + Q^2)(I + Q^4)...``, or
+    ``None`` when that needs more than :func:`_series_max_factors` factors.
+
+    ``k`` factors leave ``Q^(2^k) (I - Q)^-1``, and ``||(I - Q)^-1||_2 <= 1`` for skew ``Q``
+    (the singular values of ``I - Q`` are ``sqrt(1 + s^2)``), so the error is at most the
+    Frobenius norm of the next power ``Q^(2^k)``: the series stops when that falls below
+    machine epsilon.  On the CPU a batched inverse of small blocks goes matrix by matrix
+    through LAPACK (0.7 ms for 40 blocks of 32), where one batched product of them costs
+    0.03 ms.
+    """
+    eps = torch.finfo(q.dtype).eps
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+    product = q + eye
+    power = q
+    size = float(q.square().sum((-2, -1)).max())
+    for _ in range(_series_max_factors(q.shape[-1])):
+        power = torch.bmm(power, power)
+        previous, size = size, float(power.square().sum((-2, -1)).max())
+        if size <= eps * eps:
+            return product
+        if size >= previous:
+            # With every singular value below 1 the powers shrink at each squaring; they do
+            # not, so ||Q||_2 >= 1 and the series diverges.
+            return None
+        product = torch.baddbmm(product, product, power)  # P (I + Q^(2^i))
+    return None
+
+
+class _Cayley(torch.autograd.Function):
+    """``R = 2 (I - Q)^-1 - I`` with backward ``dQ = 2 A^-T G A^-T`` from the kept ``A^-1``."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor) -> torch.Tensor:
+        eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+        inverse = _inverse_by_series(q) if q.device.type == "cpu" and q.numel() else None
+        if inverse is None:
+            inverse = torch.linalg.inv(eye - q)
+        ctx.save_for_backward(inverse)
+        return 2 * inverse - eye
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        it = inverse.transpose(1, 2)
+        return 2 * torch.bmm(torch.bmm(it, grad), it)
+
+
 def cayley(q: torch.Tensor) -> torch.Tensor:
     """Exact Cayley transform of skew ``Q`` of shape ``(..., b, b)``: ``(I + Q)(I - Q)^-1``.
 
     ``I - Q`` is always invertible for skew ``Q`` (its eigenvalues are ``1 - i*lambda``).
-    Since ``I + Q = 2I - (I - Q)``, the product is ``2 (I - Q)^-1 - I``: one batched inverse
-    and no matrix product (forward and backward 25-30% faster than a solve for 8 to 32 wide
-    blocks).
+    Since ``I + Q = 2I - (I - Q)``, the product is ``2 (I - Q)^-1 - I``.  The inverse is a
+    product series on the CPU when ``Q`` is small enough (exact to the dtype's precision: see
+    :func:`_inverse_by_series`), a batched inverse otherwise.
     """
-    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
-    return 2 * torch.linalg.inv(eye - q) - eye
+    b = q.shape[-1]
+    return _Cayley.apply(q.reshape(-1, b, b)).reshape(q.shape)
 
 
 class _CayleyNeumann(torch.autograd.Function):
-    """``R = (I + Q) S`` with ``S = I + Q + ... + Q^k`` on ``(n, b, b)`` blocks, with a written-out
-    backward that keeps only ``Q`` and ``S``: autograd through the series would keep one
-    ``(b, b)`` product per term, or recompute the series under checkpointing, and the blocks
-    are so small that the number of operations, not their arithmetic, sets the cost."""
+    """``R = (I + Q) S`` with ``S = I + Q + ... + Q^k`` on ``(n, b, b)`` blocks, by Horner
+    (``S_m = I + Q S_(m-1)``), with the backward written out.  It keeps the ``k`` iterates
+    (``k n b^2`` numbers, nothing next to the activations): the blocks are so small that the
+    number of operations, not their arithmetic, sets the cost, and walking the iterates back
+    takes two small products per term (2-4x faster than a block-matrix adjoint that keeps
+    only ``S``)."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, terms: int) -> torch.Tensor:
         eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
-        series = eye.expand_as(q)
-        for _ in range(terms):  # Horner: S <- I + Q S
-            series = torch.baddbmm(eye, q, series)
-        ctx.save_for_backward(q, series)
+        iterates = [eye.expand_as(q)]
+        for _ in range(terms):
+            iterates.append(torch.baddbmm(eye, q, iterates[-1]))
+        ctx.save_for_backward(q, *iterates[1:])
         ctx.terms = terms
-        return torch.baddbmm(series, q, series)
+        return torch.baddbmm(iterates[-1], q, iterates[-1])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        q, series = ctx.saved_tensors
-        n, b, _ = q.shape
+        q, *iterates = ctx.saved_tensors
+        if ctx.terms == 0:  # R = I + Q
+            return grad, None
         qt = q.transpose(1, 2)
-        # dR = dQ S + (I + Q) dS: the first term gives G S^T; the second passes H = (I + Q)^T G
-        # to S, whose adjoint at H is sum_{i=1..k} sum_{j+l=i-1} (Q^T)^j H (Q^T)^l: the upper
-        # right block of sum_{i=0..k} M^i for M = [[Q^T, H], [0, Q^T]] (Horner again).
-        h = torch.baddbmm(grad, qt, grad)
-        m = q.new_zeros(n, 2 * b, 2 * b)
-        m[:, :b, :b] = qt
-        m[:, b:, b:] = qt
-        m[:, :b, b:] = h
-        eye = torch.eye(2 * b, dtype=q.dtype, device=q.device)
-        powers = eye.expand_as(m)
-        for _ in range(ctx.terms):
-            powers = torch.baddbmm(eye, m, powers)
-        return torch.baddbmm(powers[:, :b, b:], grad, series.transpose(1, 2)), None
+        # R = (I + Q) S_k: dQ gets G S_k^T, and S_k gets (I + Q)^T G.
+        grad_q = torch.bmm(grad, iterates[-1].transpose(1, 2))
+        grad_s = torch.baddbmm(grad, qt, grad)
+        for previous in reversed(iterates[:-1]):  # S_m = I + Q S_(m-1)
+            grad_q = torch.baddbmm(grad_q, grad_s, previous.transpose(1, 2))
+            grad_s = torch.bmm(qt, grad_s)
+        return grad_q + grad_s, None  # the last step's S_0 = I
 
 
 def cayley_neumann(q: torch.Tensor, terms: int) -> torch.Tensor:
