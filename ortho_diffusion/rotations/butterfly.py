@@ -166,7 +166,8 @@ class ButterflyCayleyRotation(Rotation):
         q = unpack_skew(g, self.block_size)
         if self.constraint is not None:
             q = project_norm(q, self.constraint, dims=(-2, -1))
-        q = q * scale
+        if scale != 1.0:
+            q = q * scale
         if self.neumann_terms is not None:
             q = project_norm(q, NEUMANN_MAX_NORM, dims=(-2, -1))
         return q
