@@ -46,7 +46,7 @@ from .rotations import (
 #: of the frozen layer's matrix product.  Rotations move memory, matrix products compute.  From
 #: the layer-level rows of ``benchmarks/bench_adapters.py`` (2 threads): about 220 for 4-factor
 #: BOFT at width 320 with 8192 tokens, 490 for OFT at width 1280 with 512 tokens (which also
-#: pays for its Cayley solves).  The choice only flips near the break-even, where both paths
+#: paid for its Cayley inverses then).  The choice only flips near the break-even, where both paths
 #: cost about the same, so a middle value serves.
 PASS_COST_IN_MACS = 300
 
