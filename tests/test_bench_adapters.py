@@ -7,6 +7,7 @@ is profiled and lands in the report.
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,15 @@ def test_speedups_unet_and_inference(quick_run):
     merged = [r for r in result["layer_inference"] + result["unet_inference"] if r["state"] == "merged"]
     assert merged and all(positive(r["forward_s"]) for r in merged)
     assert all(r["max_abs_diff_vs_live"] < 1e-4 for r in merged)  # merging kept the function
+    # Layer-level merged rows are also timed through plain layers holding the same weights,
+    # round by round: the ratio is the median of the per-round ratios.
+    layer_merged = [r for r in result["layer_inference"] if r["state"] == "merged"]
+    assert layer_merged
+    for r in layer_merged:
+        assert len(r["plain_forward_s_all"]) == len(r["forward_s_all"]) and all(map(positive, r["plain_forward_s_all"]))
+        ratios = [a / b for a, b in zip(r["forward_s_all"], r["plain_forward_s_all"])]
+        assert r["time_vs_plain"] == statistics.median(ratios)
+    assert "x plain layers, same weights" in (out / "adapter_speed.md").read_text()
 
 
 def _row(key: str, times: list[float], width: int = 64) -> dict:
