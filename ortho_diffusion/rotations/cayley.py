@@ -37,9 +37,10 @@ def _series_max_factors(block_size: int) -> int:
     return min(8, 2 + block_size // 4)
 
 
-def _inverse_by_series(q: torch.Tensor) -> torch.Tensor | None:
+def _inverse_by_series(q: torch.Tensor, eye: torch.Tensor) -> torch.Tensor | None:
     """``(I - Q)^-1`` of skew ``(n, b, b)`` blocks as ``(I + Q)(I + Q^2)(I + Q^4)...``, or
-    ``None`` when that needs more than :func:`_series_max_factors` factors.
+    ``None`` when that needs more than :func:`_series_max_factors` factors.  ``eye``: the
+    ``(b, b)`` identity in ``q``'s dtype and device.
 
     ``k`` factors leave ``Q^(2^k) (I - Q)^-1``, and ``||(I - Q)^-1||_2 <= 1`` for skew ``Q``
     (the singular values of ``I - Q`` are ``sqrt(1 + s^2)``), so the error is at most the
@@ -49,7 +50,6 @@ def _inverse_by_series(q: torch.Tensor) -> torch.Tensor | None:
     0.03 ms.
     """
     eps = torch.finfo(q.dtype).eps
-    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
     product = q + eye
     power = q
     size = float(q.square().sum((-2, -1)).max())
@@ -72,7 +72,7 @@ class _Cayley(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor) -> torch.Tensor:
         eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
-        inverse = _inverse_by_series(q) if q.device.type == "cpu" and q.numel() else None
+        inverse = _inverse_by_series(q, eye) if q.device.type == "cpu" and q.numel() else None
         if inverse is None:
             inverse = torch.linalg.inv(eye - q)
         ctx.save_for_backward(inverse)
