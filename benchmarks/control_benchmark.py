@@ -16,8 +16,10 @@ measures:
   detected on the generated image.
 
 The shapes world's captions name each object's shape, colour, size and side, so the caption
-alone already places objects to within a few pixels; each pair is therefore also generated
-from an empty prompt, where the layout can come from the control map only.
+alone already places objects to within a few pixels. Each scene is therefore generated from
+three prompts: the caption; the caption without sizes and places ("a red circle and a blue
+square, on a white background": what to draw, as a photo's caption says, while where and how
+large is left to the control map); and an empty prompt.
 
 ``--compare`` trains, on one task with the same data, steps, batch and learning rate, the
 encoder alone, encoder + OFT, + BOFT, + OFTv2 and + peft LoRA, and reports the same metrics
@@ -50,11 +52,22 @@ sys.path.insert(0, str(ROOT))
 import ortho_diffusion as od  # noqa: E402
 from ortho_diffusion import shapes  # noqa: E402
 from ortho_diffusion.control import metrics  # noqa: E402
+from ortho_diffusion.control.data import LAYOUT_FREE_CAPTIONS  # noqa: E402
 from ortho_diffusion.control.preprocess import TASKS, shapes_control  # noqa: E402
 from ortho_diffusion.default_model import DEFAULT_GUIDANCE_SCALE  # noqa: E402
 from ortho_diffusion.diffusion import load_pipeline  # noqa: E402
 from ortho_diffusion.files import atomic_write_bytes, atomic_write_json, save_image_atomic  # noqa: E402
 from ortho_diffusion.images import image_grid, to_pil  # noqa: E402
+
+PROMPTS = {
+    "caption": shapes.caption,
+    "no_layout": shapes.layout_free_caption,
+    "empty": lambda scene: "",
+}
+"""The prompt conditions, each scene's prompt under it."""
+
+SUFFIX = {"caption": "", "no_layout": "_no_layout", "empty": "_no_caption"}
+"""Result keys: ``values`` + suffix (compared runs), ``control`` / ``no_control`` + suffix (shipped)."""
 
 TARGETS = {"canny": ("canny_f1", ">=", 0.5), "segmentation": ("miou", ">=", 0.7), "landmarks": ("landmark_error_px", "<=", 3.0)}
 
@@ -102,17 +115,18 @@ def meets(task: str, values: dict) -> bool:
 
 
 def evaluate_adapter(
-    model: Path, adapter: Path | None, task: str, scenes, args, pipe=None, captions: bool = True
+    model: Path, adapter: Path | None, task: str, scenes, args, pipe=None, prompt: str = "caption"
 ) -> tuple[dict, list]:
     """Generate for every scene (with control when ``adapter`` or ``pipe`` has one) and score.
 
-    ``captions=False``: empty prompts (the layout can then only come from the control map).
+    ``prompt``: a key of :data:`PROMPTS` (the caption, the caption without sizes and places,
+    or an empty prompt).
     """
     if pipe is None:
         pipe = load_pipeline(model)
         if adapter is not None:
             od.load_adapter(pipe, adapter)
-    prompts = [shapes.caption(s) if captions else "" for s in scenes]
+    prompts = [PROMPTS[prompt](s) for s in scenes]
     seeds = [args.first_eval_seed + i for i in range(len(scenes))]
     hints = None
     if adapter is not None or pipe.__class__.__name__.endswith("ControlPipeline"):
@@ -134,33 +148,35 @@ def shipped(args, model: Path, scenes) -> tuple[list[dict], dict]:
     for task in args.tasks:
         adapter = Path(args.adapters) / f"{task}.safetensors"
         t0 = time.time()
-        base, base_images = evaluate_adapter(model, None, task, scenes, args)
-        row = {"task": task, "no_control": base, "eval_scenes": len(scenes)}
+        row = {"task": task, "eval_scenes": len(scenes)}
+        images = {}
+        for kind, suffix in SUFFIX.items():
+            row["no_control" + suffix], images["no_control" + suffix] = evaluate_adapter(
+                model, None, task, scenes, args, prompt=kind)
+            if adapter.is_file():
+                row["control" + suffix], images["control" + suffix] = evaluate_adapter(
+                    model, adapter, task, scenes, args, prompt=kind)
         if adapter.is_file():
-            ctl, ctl_images = evaluate_adapter(model, adapter, task, scenes, args)
-            row["no_control_no_caption"], _ = evaluate_adapter(model, None, task, scenes, args, captions=False)
-            row["control_no_caption"], _ = evaluate_adapter(model, adapter, task, scenes, args, captions=False)
             pipe = load_pipeline(model)
             od.load_adapter(pipe, adapter)
             row.update(adapter=str(adapter.relative_to(ROOT) if adapter.is_relative_to(ROOT) else adapter),
-                       control=ctl, meets_target=meets(task, ctl),
+                       meets_target=meets(task, row["control"]),
                        trainable_parameters=od.summary(pipe).total, file_kib=round(adapter.stat().st_size / 1024, 1))
             summary_file = adapter.with_suffix(".json")
             if summary_file.is_file():
                 info = json.loads(summary_file.read_text())
                 row.update(training_steps=info.get("steps"), training_seconds=info.get("wall_time_seconds"),
                            method=info.get("method"))
-            samples[task] = (base_images[:6], ctl_images[:6])
+            samples[task] = (images["no_control"][:6], images["control"][:6])
         else:
             row["control"] = None
             print(f"[{task}] no shipped adapter at {adapter}", flush=True)
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
-        print(f"[{task}] no control: {fmt(task, base)}" + (f"; control: {fmt(task, row['control'])}" if row.get("control") else ""),
-              flush=True)
-        if row.get("control"):
-            print(f"[{task}] empty prompt: no control: {fmt(task, row['no_control_no_caption'])}; "
-                  f"control: {fmt(task, row['control_no_caption'])}", flush=True)
+        for kind, suffix in SUFFIX.items():
+            ctl = row.get("control" + suffix)
+            print(f"[{task}] {kind} prompt: no control: {fmt(task, row['no_control' + suffix])}"
+                  + (f"; control: {fmt(task, ctl)}" if ctl else ""), flush=True)
     return rows, samples
 
 
@@ -211,9 +227,9 @@ def compare(args, model: Path, scenes, work: Path) -> list[dict]:
     from ortho_diffusion.training.control import build_parser, load_trained, train
 
     task = args.compare_task
-    data = work / f"data-{task}"
+    data = work / (f"data-{task}" + (f"-layout_free{args.layout_free:g}" if args.layout_free else ""))
     if not (data / "metadata.jsonl").is_file():
-        write_shapes_dataset(data, task, args.compare_rows)
+        write_shapes_dataset(data, task, args.compare_rows, layout_free=args.layout_free)
     rows = []
     for seed in args.compare_seeds:
         for method in args.compare_methods:
@@ -221,8 +237,10 @@ def compare(args, model: Path, scenes, work: Path) -> list[dict]:
             argv = _compare_argv(args, model, data, out, method, seed)
             row_file = out / "compare_row.json"
             finished = _trained_with(out / "summary.json", argv)
-            if finished and row_file.is_file():
-                rows.append(json.loads(row_file.read_text()))
+            row = json.loads(row_file.read_text()) if finished and row_file.is_file() else {}
+            missing = [kind for kind, suffix in SUFFIX.items() if "values" + suffix not in row]
+            if not missing:
+                rows.append(row)
                 print(f"[compare {task}] {method} seed {seed}: reused {row_file}", flush=True)
                 continue
             run_args = build_parser().parse_args(argv)
@@ -231,20 +249,20 @@ def compare(args, model: Path, scenes, work: Path) -> list[dict]:
                 pipe = load_trained(run_args, out / "adapter.safetensors")
             else:
                 pipe, summary = train(run_args)
-            values, _ = evaluate_adapter(model, None, task, scenes, args, pipe=pipe)
-            values_no_caption, _ = evaluate_adapter(model, None, task, scenes, args, pipe=pipe, captions=False)
-            row = {"task": task, "method": method, "seed": seed, "values": values,
-                   "values_no_caption": values_no_caption, "meets_target": meets(task, values),
-                   "trainable_parameters": summary["trainable_parameters"],
-                   "adapter_parameters": summary["adapter_parameters"],
-                   "encoder_parameters": summary["encoder_parameters"],
-                   "steps": summary["steps"], "training_seconds": round(summary["wall_time_seconds"], 1),
-                   "adapter": str(out / "adapter.safetensors")}
+                row, missing = {}, list(SUFFIX)
+            for kind in missing:  # scores of a prompt condition added since the run was scored
+                row["values" + SUFFIX[kind]], _ = evaluate_adapter(model, None, task, scenes, args, pipe=pipe, prompt=kind)
+            row.update({"task": task, "method": method, "seed": seed, "meets_target": meets(task, row["values"]),
+                        "trainable_parameters": summary["trainable_parameters"],
+                        "adapter_parameters": summary["adapter_parameters"],
+                        "encoder_parameters": summary["encoder_parameters"],
+                        "steps": summary["steps"], "training_seconds": round(summary["wall_time_seconds"], 1),
+                        "adapter": str(out / "adapter.safetensors")})
             atomic_write_json(row_file, row)
             rows.append(row)
-            print(f"[compare {task}] {method} seed {seed}: {fmt(task, values)}; empty prompt "
-                  f"{fmt(task, values_no_caption)}; {summary['trainable_parameters']:,} params, "
-                  f"{summary['wall_time_seconds']:.0f} s", flush=True)
+            print(f"[compare {task}] {method} seed {seed}: " + "; ".join(
+                f"{kind} prompt {fmt(task, row['values' + suffix])}" for kind, suffix in SUFFIX.items())
+                + f"; {summary['trainable_parameters']:,} params, {summary['wall_time_seconds']:.0f} s", flush=True)
     return rows
 
 
@@ -256,7 +274,7 @@ def compare_means(rows: list[dict]) -> list[dict]:
     means = []
     for method, runs in by_method.items():
         entry = {"method": method, "seeds": [r["seed"] for r in runs]}
-        for field in ("values", "values_no_caption"):
+        for field in ("values" + suffix for suffix in SUFFIX.values()):
             if all(field in r for r in runs):
                 keys = runs[0][field].keys()
                 entry[field] = {k: float(np.mean([r[field][k] for r in runs])) for k in keys}
@@ -277,8 +295,7 @@ def interpolation(args, model: Path, out: Path) -> None:
     the layout visibly moves from the model's own choice (t = 0) to the control map's.
     """
     scene = shapes.scene_from_seed(args.first_eval_seed + 3)
-    objects = " and ".join(shapes.object_phrase(o, False, True, False) for o in scene.objects)
-    prompt = f"{objects}, on a {scene.background} background"
+    prompt = shapes.layout_free_caption(scene)
     ts = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
     cells, labels = [], []
     for task in args.tasks:
@@ -342,12 +359,13 @@ def markdown(result: dict) -> str:
             lines.append(f"| {r['task']} | {key} | {fmt(r['task'], r['no_control'])} | {ctl} | {op} {target} | "
                          f"{'yes' if r.get('meets_target') else 'no'} | {r.get('trainable_parameters', 0):,} | "
                          f"{r.get('file_kib', '-')} KiB |")
-        no_caption = [r for r in result["shipped"] if r.get("control_no_caption")]
-        if no_caption:
-            lines += ["", "With an empty prompt (the layout can only come from the control map):", "",
-                      "| task | no control | with the control adapter |", "|---|---|---|"]
-            lines += [f"| {r['task']} | {fmt(r['task'], r['no_control_no_caption'])} | {fmt(r['task'], r['control_no_caption'])} |"
-                      for r in no_caption]
+        for suffix, heading in (("_no_layout", "With the caption without sizes and places (what to draw, not where):"),
+                                ("_no_caption", "With an empty prompt (the layout can only come from the control map):")):
+            measured = [r for r in result["shipped"] if r.get("control" + suffix)]
+            if measured:
+                lines += ["", heading, "", "| task | no control | with the control adapter | target met |", "|---|---|---|---|"]
+                lines += [f"| {r['task']} | {fmt(r['task'], r['no_control' + suffix])} | {fmt(r['task'], r['control' + suffix])} | "
+                          f"{'yes' if meets(r['task'], r['control' + suffix]) else 'no'} |" for r in measured]
         lines.append("")
     if result.get("compare"):
         task = result["compare"][0]["task"]
@@ -356,19 +374,22 @@ def markdown(result: dict) -> str:
         lines += [f"## Methods compared on {task} (same data, steps, batch, learning rate)", ""]
         if recipe:
             lines += [f"{recipe['steps']} steps of batch {recipe['batch']} at learning rate {recipe['learning_rate']:g}, "
-                      f"{recipe['proportion_empty_prompts']:.0%} empty prompts.", ""]
-        lines += [f"Mean ± standard deviation of {key} over the training seeds; the same with an empty prompt.", "",
-                  "| method | seeds | with the caption | empty prompt | trainable params (encoder + adapter) | training time |",
-                  "|---|---|---|---|---|---|"]
+                      f"{recipe['proportion_empty_prompts']:.0%} empty prompts, "
+                      f"{recipe.get('layout_free', 0.0):.0%} of the training captions without sizes and places.", ""]
+        lines += [f"Mean ± standard deviation of {key} over the training seeds, for each prompt condition.", "",
+                  "| method | seeds | with the caption | caption without sizes and places | empty prompt | "
+                  "trainable params (encoder + adapter) | training time |",
+                  "|---|---|---|---|---|---|---|"]
         for m in result["compare_means"]:
             lines.append(f"| {m['method']} | {len(m['seeds'])} | {_mean_cell(m, 'values', key)} | "
-                         f"{_mean_cell(m, 'values_no_caption', key)} | "
+                         f"{_mean_cell(m, 'values_no_layout', key)} | {_mean_cell(m, 'values_no_caption', key)} | "
                          f"{m['trainable_parameters']:,} ({m['encoder_parameters']:,} + {m['adapter_parameters']:,}) | "
                          f"{m['training_seconds']:.0f} s |")
-        lines += ["", "Each run:", "", "| method | seed | with the caption | empty prompt |", "|---|---|---|---|"]
+        lines += ["", "Each run:", "", "| method | seed | with the caption | caption without sizes and places | empty prompt |",
+                  "|---|---|---|---|---|"]
         for r in result["compare"]:
-            empty = fmt(task, r["values_no_caption"]) if "values_no_caption" in r else "-"
-            lines.append(f"| {r['method']} | {r['seed']} | {fmt(task, r['values'])} | {empty} |")
+            cells = [fmt(task, r["values" + suffix]) if "values" + suffix in r else "-" for suffix in SUFFIX.values()]
+            lines.append(f"| {r['method']} | {r['seed']} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -388,6 +409,8 @@ def main(argv=None) -> int:
     p.add_argument("--compare_methods", default="none,oft,boft,oftv2,lora")
     p.add_argument("--compare_steps", type=int, default=300)
     p.add_argument("--compare_rows", type=int, default=2000)
+    p.add_argument("--layout_free", type=float, default=LAYOUT_FREE_CAPTIONS,
+                   help="fraction of the compared runs' training rows captioned without sizes and places")
     p.add_argument("--compare_seeds", default="0", help="training seeds of the compared runs (comma-separated)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--learning_rate", type=float, default=1e-3)
@@ -427,7 +450,7 @@ def main(argv=None) -> int:
         result["compare"] = compare(args, model, scenes, Path(args.work_dir))
         result["compare_means"] = compare_means(result["compare"])
         result["compare_recipe"] = {"steps": args.compare_steps, "batch": args.batch, "learning_rate": args.learning_rate,
-                                    "proportion_empty_prompts": args.proportion_empty_prompts}
+                                    "proportion_empty_prompts": args.proportion_empty_prompts, "layout_free": args.layout_free}
         boft_runs = [r for r in result["compare"] if r["method"] == "boft"]
         if boft_runs and not args.boft_adapter:
             args.boft_adapter = boft_runs[0]["adapter"]

@@ -217,6 +217,21 @@ def shapes_dir(tmp_path_factory):
     return folder
 
 
+def test_shapes_dataset_leaves_the_layout_out_of_the_chosen_share_of_captions(tmp_path):
+    def captions(layout_free):
+        folder = tmp_path / str(layout_free)
+        cdata.write_shapes_dataset(folder, "canny", 8, first_seed=40, layout_free=layout_free)
+        return [json.loads(line)["text"] for line in (folder / "metadata.jsonl").read_text().splitlines()]
+
+    scenes = [shapes.scene_from_seed(40 + i) for i in range(8)]
+    assert captions(0.0) == [shapes.caption(s) for s in scenes]
+    assert captions(1.0) == [shapes.layout_free_caption(s) for s in scenes]
+    half = captions(0.5)
+    assert half[1::2] == [shapes.layout_free_caption(s) for s in scenes[1::2]]
+    assert half[0::2] == [shapes.caption(s) for s in scenes[0::2]]
+    assert not any(word in text for text in half[1::2] for word in ("left", "right", "top", "bottom", "center", "small", "large"))
+
+
 def test_dataset_formats_give_the_same_examples(shapes_dir, tmp_path):
     ref = cdata.load_control_data(cdata.read_rows(str(shapes_dir)), 32)
     assert ref.images.shape == (3, 3, 32, 32) and ref.hints.shape == (3, 3, 32, 32)

@@ -10,15 +10,18 @@ import pytest
 from conftest import load_script
 
 
-def _row(method: str, seed: int, f1: float, f1_empty: float) -> dict:
-    return {"task": "canny", "method": method, "seed": seed, "values": {"canny_iou": f1 / 2, "canny_f1": f1},
-            "values_no_caption": {"canny_iou": f1_empty / 2, "canny_f1": f1_empty}, "trainable_parameters": 10, "encoder_parameters": 8,
-            "adapter_parameters": 2, "training_seconds": 5.0}
+def _row(method: str, seed: int, f1: float, f1_empty: float, f1_no_layout: float | None = None) -> dict:
+    row = {"task": "canny", "method": method, "seed": seed, "values": {"canny_iou": f1 / 2, "canny_f1": f1},
+           "values_no_caption": {"canny_iou": f1_empty / 2, "canny_f1": f1_empty}, "trainable_parameters": 10,
+           "encoder_parameters": 8, "adapter_parameters": 2, "training_seconds": 5.0}
+    if f1_no_layout is not None:  # runs scored before that prompt condition existed lack it
+        row["values_no_layout"] = {"canny_iou": f1_no_layout / 2, "canny_f1": f1_no_layout}
+    return row
 
 
 def test_compare_means_average_each_method_over_its_seeds():
     mod = load_script("benchmarks/control_benchmark.py")
-    rows = [_row("oft", 0, 0.5, 0.2), _row("lora", 0, 0.7, 0.3), _row("oft", 1, 0.6, 0.4)]
+    rows = [_row("oft", 0, 0.5, 0.2, 0.45), _row("lora", 0, 0.7, 0.3), _row("oft", 1, 0.6, 0.4, 0.35)]
     means = {m["method"]: m for m in mod.compare_means(rows)}
     assert means["oft"]["seeds"] == [0, 1] and means["lora"]["seeds"] == [0]
     assert means["oft"]["values"]["canny_f1"] == pytest.approx(0.55)
@@ -27,11 +30,16 @@ def test_compare_means_average_each_method_over_its_seeds():
     assert means["lora"]["values_std"]["canny_f1"] == 0.0
     table = mod.markdown({"model": "m", "eval_scenes": 2, "first_eval_seed": 0, "sample_steps": 2, "guidance_scale": 3.0,
                           "machine": "x", "compare": rows, "compare_means": list(means.values())})
-    assert "| oft | 2 | 0.550 ± 0.071 | 0.300 ± 0.141 |" in table
-    recipe = {"steps": 2000, "batch": 16, "learning_rate": 3e-3, "proportion_empty_prompts": 0.5}
+    assert means["oft"]["values_no_layout"]["canny_f1"] == pytest.approx(0.4)
+    assert "values_no_layout" not in means["lora"]
+    assert "| oft | 2 | 0.550 ± 0.071 | 0.400 ± 0.071 | 0.300 ± 0.141 |" in table
+    assert "| lora | 1 | 0.700 ± 0.000 | - | 0.300 ± 0.000 |" in table
+    assert "| lora | 0 | IoU 0.350 / F1 0.700 | - | IoU 0.150 / F1 0.300 |" in table
+    recipe = {"steps": 2000, "batch": 16, "learning_rate": 3e-3, "proportion_empty_prompts": 0.5, "layout_free": 0.5}
     table = mod.markdown({"model": "m", "eval_scenes": 2, "first_eval_seed": 0, "sample_steps": 2, "guidance_scale": 3.0,
                           "machine": "x", "compare": rows, "compare_means": list(means.values()), "compare_recipe": recipe})
-    assert "2000 steps of batch 16 at learning rate 0.003, 50% empty prompts." in table
+    assert ("2000 steps of batch 16 at learning rate 0.003, 50% empty prompts, 50% of the training captions "
+            "without sizes and places.") in table
 
 
 def test_a_finished_run_is_recognised_only_with_the_same_training_arguments(tmp_path: Path):

@@ -69,6 +69,7 @@ def test_caption_wording():
     assert shapes.caption(scene) == (
         "a large red circle on the left and a small blue square on the right, on a white background"
     )
+    assert shapes.layout_free_caption(scene) == "a red circle and a blue square, on a white background"
     single = shapes.make_scene("black", [("small", "yellow", "star", "center")])
     assert shapes.caption(single) == "a small yellow star in the center, on a black background"
     with pytest.raises(ValueError):

@@ -257,13 +257,23 @@ def load_control_data(
     return ControlData(img_t, hint_t, [r.caption for r in rows], [r.where for r in rows])
 
 
-def write_shapes_dataset(folder: str | Path, task: str, n: int, first_seed: int = 0) -> Path:
+LAYOUT_FREE_CAPTIONS = 0.5
+"""Share of a shapes-world control dataset's rows captioned without sizes and places."""
+
+
+def write_shapes_dataset(
+    folder: str | Path, task: str, n: int, first_seed: int = 0, layout_free: float = LAYOUT_FREE_CAPTIONS
+) -> Path:
     """Write a shapes-world control dataset: ``images/``, ``conditioning_images/``, ``metadata.jsonl``.
 
     Row ``i`` is the scene of seed ``first_seed + i``, its caption, and its ground-truth
-    ``task`` map (``canny``, ``segmentation`` or ``landmarks``).  Returns the metadata path.
+    ``task`` map (``canny``, ``segmentation`` or ``landmarks``).  A fraction ``layout_free``
+    of the rows, spread evenly, get the caption without sizes and places ("a red circle, on a
+    white background"): the world's full captions place every object to within a few pixels,
+    so a model trained on them only learns to follow the control map where the text leaves the
+    layout open, as real captions do.  Returns the metadata path.
     """
-    from ..shapes import caption, render, scene_from_seed
+    from ..shapes import caption, layout_free_caption, render, scene_from_seed
     from ..files import atomic_write_bytes, save_image_atomic
     from .preprocess import shapes_control
 
@@ -276,8 +286,10 @@ def write_shapes_dataset(folder: str | Path, task: str, n: int, first_seed: int 
         name = f"{seed:06d}.png"
         save_image_atomic(Image.fromarray(image), folder / "images" / name)
         save_image_atomic(Image.fromarray(shapes_control(scene, task, image)), folder / "conditioning_images" / name)
+        without_layout = int((i + 1) * layout_free) > int(i * layout_free)
+        text = layout_free_caption(scene) if without_layout else caption(scene)
         lines.append(json.dumps({"image": f"images/{name}", "conditioning_image": f"conditioning_images/{name}",
-                                 "text": caption(scene), "seed": seed}))
+                                 "text": text, "seed": seed}))
     meta = folder / "metadata.jsonl"
     atomic_write_bytes(meta, ("\n".join(lines) + "\n").encode())
     return meta
@@ -294,8 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("folder")
     p.add_argument("--rows", type=int, default=4000)
     p.add_argument("--first_seed", type=int, default=0)
+    p.add_argument("--layout_free", type=float, default=LAYOUT_FREE_CAPTIONS,
+                   help="fraction of rows captioned without sizes and places (0: every caption names them)")
     args = p.parse_args(argv)
-    meta = write_shapes_dataset(args.folder, args.task, args.rows, args.first_seed)
+    if not 0.0 <= args.layout_free <= 1.0:
+        p.error(f"--layout_free must be between 0 and 1, got {args.layout_free}")
+    meta = write_shapes_dataset(args.folder, args.task, args.rows, args.first_seed, args.layout_free)
     print(f"{args.rows} rows written: {meta}")
     return 0
 

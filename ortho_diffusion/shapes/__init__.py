@@ -9,7 +9,7 @@ detector that scores images of it.
     found = shapes.detect(image)          # background + objects read back from pixels
 """
 
-from .captions import caption, object_phrase, partial_caption
+from .captions import caption, layout_free_caption, object_phrase, partial_caption
 from .detector import Detection, DetectedObject, detect
 from .groundtruth import (
     SEGMENTATION_CLASSES,
@@ -45,6 +45,7 @@ __all__ = [
     "label_map",
     "landmark_map",
     "make_scene",
+    "layout_free_caption",
     "object_phrase",
     "partial_caption",
     "render",

@@ -33,6 +33,14 @@ def caption(scene: Scene) -> str:
     return f"{objs}, on a {scene.background} background"
 
 
+def layout_free_caption(scene: Scene) -> str:
+    """The caption without sizes and places, e.g. ``"a red circle and a blue square, on a white
+    background"``: what to draw but not where, as a photo's caption describes content but not
+    its exact layout (a control map's job)."""
+    objs = " and ".join(object_phrase(o, size=False, position=False) for o in scene.objects)
+    return f"{objs}, on a {scene.background} background"
+
+
 def partial_caption(scene: Scene, rng: np.random.Generator, p_drop: float = 0.35) -> str:
     """A caption where each of size / colour / position / background is left out with
     probability ``p_drop`` (independently); shapes are always named."""
