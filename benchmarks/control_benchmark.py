@@ -167,7 +167,8 @@ def shipped(args, model: Path, scenes) -> tuple[list[dict], dict]:
                 info = json.loads(summary_file.read_text())
                 row.update(training_steps=info.get("steps"), training_seconds=info.get("wall_time_seconds"),
                            method=info.get("method"))
-            samples[task] = (images["no_control"][:6], images["control"][:6])
+            maps = [shapes_control(scene, task) for scene in scenes[:6]]
+            samples[task] = (maps, images["no_control_no_layout"][:6], images["control_no_layout"][:6])
         else:
             row["control"] = None
             print(f"[{task}] no shipped adapter at {adapter}", flush=True)
@@ -331,9 +332,10 @@ def interpolation(args, model: Path, out: Path) -> None:
 
 
 def save_samples(samples: dict, out: Path) -> None:
+    """Per task three rows for the first scenes: control map, no control, control (captions without sizes and places)."""
     cells = []
-    for task, (base, ctl) in samples.items():
-        cells += [Image.fromarray(a) for a in base] + [Image.fromarray(a) for a in ctl]
+    for task, rows in samples.items():
+        cells += [Image.fromarray(a) for row in rows for a in row]
     if cells:
         grid = image_grid([c.resize((96, 96), Image.NEAREST) for c in cells], cols=len(next(iter(samples.values()))[0]))
         save_image_atomic(grid, out / "control_samples.png")
