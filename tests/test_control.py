@@ -230,6 +230,9 @@ def test_shapes_dataset_leaves_the_layout_out_of_the_chosen_share_of_captions(tm
     assert half[1::2] == [shapes.layout_free_caption(s) for s in scenes[1::2]]
     assert half[0::2] == [shapes.caption(s) for s in scenes[0::2]]
     assert not any(word in text for text in half[1::2] for word in ("left", "right", "top", "bottom", "center", "small", "large"))
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        cdata.write_shapes_dataset(tmp_path / "bad", "canny", 2, layout_free=1.5)
+    assert not (tmp_path / "bad").exists()  # refused before writing anything
 
 
 def test_dataset_formats_give_the_same_examples(shapes_dir, tmp_path):

@@ -277,6 +277,8 @@ def write_shapes_dataset(
     from ..files import atomic_write_bytes, save_image_atomic
     from .preprocess import shapes_control
 
+    if not 0.0 <= layout_free <= 1.0:
+        raise ValueError(f"layout_free is a fraction of the rows, between 0 and 1; got {layout_free}")
     folder = Path(folder)
     lines = []
     for i in range(n):
@@ -309,9 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layout_free", type=float, default=LAYOUT_FREE_CAPTIONS,
                    help="fraction of rows captioned without sizes and places (0: every caption names them)")
     args = p.parse_args(argv)
-    if not 0.0 <= args.layout_free <= 1.0:
-        p.error(f"--layout_free must be between 0 and 1, got {args.layout_free}")
-    meta = write_shapes_dataset(args.folder, args.task, args.rows, args.first_seed, args.layout_free)
+    try:
+        meta = write_shapes_dataset(args.folder, args.task, args.rows, args.first_seed, args.layout_free)
+    except ValueError as err:
+        p.error(str(err))
     print(f"{args.rows} rows written: {meta}")
     return 0
 
