@@ -145,23 +145,26 @@ def fmt(task: str, values: dict) -> str:
 
 def shipped(args, model: Path, scenes) -> tuple[list[dict], dict]:
     rows, samples = [], {}
+    base = load_pipeline(model)
     for task in args.tasks:
         adapter = Path(args.adapters) / f"{task}.safetensors"
         t0 = time.time()
         row = {"task": task, "eval_scenes": len(scenes)}
         images = {}
+        controlled = None
+        if adapter.is_file():
+            controlled = load_pipeline(model)
+            od.load_adapter(controlled, adapter)
         for kind, suffix in SUFFIX.items():
             row["no_control" + suffix], images["no_control" + suffix] = evaluate_adapter(
-                model, None, task, scenes, args, prompt=kind)
-            if adapter.is_file():
+                model, None, task, scenes, args, pipe=base, prompt=kind)
+            if controlled is not None:
                 row["control" + suffix], images["control" + suffix] = evaluate_adapter(
-                    model, adapter, task, scenes, args, prompt=kind)
-        if adapter.is_file():
-            pipe = load_pipeline(model)
-            od.load_adapter(pipe, adapter)
+                    model, adapter, task, scenes, args, pipe=controlled, prompt=kind)
+        if controlled is not None:
             row.update(adapter=str(adapter.relative_to(ROOT) if adapter.is_relative_to(ROOT) else adapter),
                        meets_target=meets(task, row["control"]),
-                       trainable_parameters=od.summary(pipe).total, file_kib=round(adapter.stat().st_size / 1024, 1))
+                       trainable_parameters=od.summary(controlled).total, file_kib=round(adapter.stat().st_size / 1024, 1))
             summary_file = adapter.with_suffix(".json")
             if summary_file.is_file():
                 info = json.loads(summary_file.read_text())
