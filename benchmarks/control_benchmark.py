@@ -184,10 +184,15 @@ def shipped(args, model: Path, scenes) -> tuple[list[dict], dict]:
     return rows, samples
 
 
-def _compare_argv(args, model: Path, data: Path, out: Path, method: str, seed: int) -> list[str]:
+def _compare_argv(args, model: Path, data: Path, out: Path, variant: str, seed: int) -> list[str]:
+    """Training flags of one compared run; ``variant`` is a method with optional ``+flag`` or
+    ``+flag=value`` options (``oft+rescale``: OFT with learnable per-output magnitudes;
+    ``oft+side=output``: OFT rotating the outputs)."""
+    method, *options = variant.split("+")
+    flags = [part for o in options for part in (f"--{o}".split("=", 1))]
     argv = [
         "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
-        "--method", method, "--max_train_steps", str(args.compare_steps), "--train_batch_size", str(args.batch),
+        "--method", method, *flags, "--max_train_steps", str(args.compare_steps), "--train_batch_size", str(args.batch),
         "--learning_rate", str(args.learning_rate), "--control_task", args.compare_task,
         "--control_channels", args.control_channels,
         "--checkpointing_steps", "0", "--validation_steps", "0", "--num_validation_images", "2",
@@ -215,7 +220,7 @@ def _trained_with(summary_file: Path, argv: list[str]) -> bool:
         return False
     wanted = vars(build_parser().parse_args(argv))
     keys = ("method", "max_train_steps", "train_batch_size", "learning_rate", "seed", "block_size", "n_factors",
-            "lora_rank", "control_channels", "proportion_empty_prompts", "control_task")
+            "lora_rank", "control_channels", "proportion_empty_prompts", "control_task", "rescale", "side", "unet_targets")
     return all(str(recorded.get(k)) == str(wanted.get(k)) for k in keys if k in wanted)
 
 
@@ -411,7 +416,8 @@ def main(argv=None) -> int:
     p.add_argument("--no_shipped", action="store_true", help="skip the shipped adapters")
     p.add_argument("--compare", action="store_true")
     p.add_argument("--compare_task", default="landmarks", choices=TASKS)
-    p.add_argument("--compare_methods", default="none,oft,boft,oftv2,lora")
+    p.add_argument("--compare_methods", default="none,oft,boft,oftv2,lora",
+                   help="comma-separated; a method may carry flags, e.g. oft+rescale")
     p.add_argument("--compare_steps", type=int, default=300)
     p.add_argument("--compare_rows", type=int, default=2000)
     p.add_argument("--layout_free", type=float, default=LAYOUT_FREE_CAPTIONS,

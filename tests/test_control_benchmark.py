@@ -58,5 +58,11 @@ def test_a_finished_run_is_recognised_only_with_the_same_training_arguments(tmp_
                                                             tmp_path / "out", "oft", 2))  # another seed
     assert not mod._trained_with(summary, mod._compare_argv(args, tmp_path / "model", tmp_path / "data",
                                                             tmp_path / "out", "lora", 1))  # another method
+    rescaled = mod._compare_argv(args, tmp_path / "model", tmp_path / "data", tmp_path / "out", "oft+rescale", 1)
+    assert build_parser().parse_args(rescaled).rescale
+    assert not mod._trained_with(summary, rescaled)  # the same method with a flag more
+    output_side = mod._compare_argv(args, tmp_path / "model", tmp_path / "data", tmp_path / "out", "oft+side=output", 1)
+    assert build_parser().parse_args(output_side).side == "output"
+    assert not mod._trained_with(summary, output_side)
     summary.write_text(summary.read_text()[:20])  # truncated by a kill
     assert not mod._trained_with(summary, argv)

@@ -111,6 +111,11 @@ def test_baselines_encoder_alone_and_lora(models, data, tmp_path, method):
         assert not AdapterFile(out / "adapter.safetensors").components
     else:
         assert summary["trainable_parameters"] > summary["encoder_parameters"]
+        # The file holds exactly the trained tensors: LoRA's and the encoder's, no frozen weights.
+        from safetensors.torch import load_file
+
+        saved = load_file(str(out / "adapter.safetensors"))
+        assert sum(t.numel() for t in saved.values()) == summary["trainable_parameters"]
 
 
 @pytest.mark.parametrize("method", ["oft", "lora"])

@@ -255,13 +255,13 @@ def attach_lora(pipe: Any, args: argparse.Namespace) -> list[torch.nn.Parameter]
     from peft import LoraConfig
 
     rank = args.lora_rank
-    for p in pipe.unet.parameters():
-        p.requires_grad_(False)
+    # Frozen first, both: the saved file holds every tensor that requires a gradient, and a
+    # text encoder left trainable (though not trained) would add all its weights to it.
+    pipe.unet.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
     pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_UNET_TARGETS))
     modules = [pipe.unet]
     if args.train_text_encoder:
-        for p in pipe.text_encoder.parameters():
-            p.requires_grad_(False)
         pipe.text_encoder.add_adapter(
             LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TEXT_TARGETS)
         )
