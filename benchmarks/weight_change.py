@@ -38,7 +38,7 @@ def lora_changes(path: Path, base_weights: dict[str, torch.Tensor]) -> dict[str,
         if key.startswith("unet.") and ".lora_A." in key:
             layer = key[len("unet."):].split(".lora_A.")[0]
             delta = tensors[key.replace(".lora_A.", ".lora_B.")] @ a  # (d_out, r) @ (r, d_in)
-            out[layer] = float(delta.norm() / base_weights[layer].norm())
+            out[layer] = float(delta.norm() / base_weights[layer].detach().norm())
     return out
 
 

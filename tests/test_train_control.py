@@ -21,6 +21,8 @@ from ortho_diffusion.testing import tiny_pipeline
 from ortho_diffusion.training.common import run_main
 from ortho_diffusion.training.control import build_parser, run
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "train_control.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -138,6 +140,27 @@ def test_load_trained_rebuilds_the_finished_run(models, data, tmp_path, method):
     base = load_pipeline(models / "sd15")
     assert np.abs(image(trained) - image(base)).max() > 1e-3  # it trained
     np.testing.assert_allclose(image(loaded), image(trained), atol=1e-5)
+
+    # benchmarks/weight_change.py reads the file; check it against the trained layers' own
+    # weights: probed through the layer's forward (OFT), or peft's delta weight (LoRA).
+    weight_change = load_script("benchmarks/weight_change.py")
+    base_weights = {n: m.weight for n, m in base.unet.named_modules() if isinstance(m, torch.nn.Linear)}
+    if method == "lora":
+        changes = weight_change.lora_changes(out / "adapter.safetensors", base_weights)
+    else:
+        changes = weight_change.native_changes(out / "adapter.safetensors", models / "sd15")
+    assert len(changes) == 8 * sum(1 for n in base_weights if n.endswith("attn1.to_q"))  # attn1, attn2: q k v out
+    layers = dict(trained.unet.named_modules())
+    with torch.no_grad():
+        for name, value in changes.items():
+            layer, w = layers[name], base_weights[name]
+            if method == "lora":
+                delta = layer.get_delta_weight("default")
+            else:
+                eye = torch.eye(w.shape[1])
+                delta = (layer(eye) - layer.base_layer(eye)).t()  # the bias cancels
+            assert value == pytest.approx(float(delta.norm() / w.norm()), rel=1e-4)
+            assert value > 0
 
 
 def test_sdxl_and_hf_dataset_columns(models, data, tmp_path):
