@@ -43,19 +43,18 @@ def lora_changes(path: Path, base_weights: dict[str, torch.Tensor]) -> dict[str,
 
 
 @torch.no_grad()
-def native_changes(path: Path, model: Path) -> dict[str, float]:
-    """Relative change of each adapted UNet layer of a native adapter file."""
+def native_changes(path: Path, model: Path, base_weights: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Relative change of each adapted UNet layer of a native adapter file, from its merged weights."""
     import ortho_diffusion as od
     from ortho_diffusion.adapter import OrthogonalAdapter
     from ortho_diffusion.diffusion import load_pipeline
 
-    pipe = load_pipeline(model)
-    od.load_adapter(pipe, path)
+    pipe = od.merge(od.load_adapter(load_pipeline(model), path))
     out = {}
     for name, module in pipe.unet.named_modules():
         if isinstance(module, OrthogonalAdapter):
-            w = module.base_layer.weight.flatten(1)
-            out[name] = float((module.transform_weight(w, module._active()) - w).norm() / w.norm())
+            base = base_weights[name].detach()
+            out[name] = float((module.base_layer.weight - base).norm() / base.norm())
     return out
 
 
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.adapters:
         with safe_open(str(path), "pt") as f:
             lora = any(".lora_A." in k for k in f.keys())
-        changes = lora_changes(path, base) if lora else native_changes(path, args.model)
+        changes = lora_changes(path, base) if lora else native_changes(path, args.model, base)
         if not changes:
             print(f"{path}: no adapted UNet layer")
             continue

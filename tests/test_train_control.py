@@ -148,7 +148,7 @@ def test_load_trained_rebuilds_the_finished_run(models, data, tmp_path, method):
     if method == "lora":
         changes = weight_change.lora_changes(out / "adapter.safetensors", base_weights)
     else:
-        changes = weight_change.native_changes(out / "adapter.safetensors", models / "sd15")
+        changes = weight_change.native_changes(out / "adapter.safetensors", models / "sd15", base_weights)
     assert len(changes) == 8 * sum(1 for n in base_weights if n.endswith("attn1.to_q"))  # attn1, attn2: q k v out
     layers = dict(trained.unet.named_modules())
     with torch.no_grad():
