@@ -64,5 +64,9 @@ def test_a_finished_run_is_recognised_only_with_the_same_training_arguments(tmp_
     output_side = mod._compare_argv(args, tmp_path / "model", tmp_path / "data", tmp_path / "out", "oft+side=output", 1)
     assert build_parser().parse_args(output_side).side == "output"
     assert not mod._trained_with(summary, output_side)
+    high_noise = mod._compare_argv(args, tmp_path / "model", tmp_path / "data", tmp_path / "out",
+                                   "oft+high_noise_share=0.15", 1)
+    assert build_parser().parse_args(high_noise).high_noise_share == 0.15
+    assert not mod._trained_with(summary, high_noise)  # the same method trained on other timesteps
     summary.write_text(summary.read_text()[:20])  # truncated by a kill
     assert not mod._trained_with(summary, argv)
