@@ -187,17 +187,18 @@ def shipped(args, model: Path, scenes) -> tuple[list[dict], dict]:
 def _compare_argv(args, model: Path, data: Path, out: Path, variant: str, seed: int) -> list[str]:
     """Training flags of one compared run; ``variant`` is a method with optional ``+flag`` or
     ``+flag=value`` options (``oft+rescale``: OFT with learnable per-output magnitudes;
-    ``oft+side=output``: OFT rotating the outputs)."""
+    ``oft+side=output``: OFT rotating the outputs); a variant's flags win over the recipe's."""
     method, *options = variant.split("+")
     flags = [part for o in options for part in (f"--{o}".split("=", 1))]
     argv = [
         "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
-        "--method", method, *flags, "--max_train_steps", str(args.compare_steps), "--train_batch_size", str(args.batch),
+        "--method", method, "--max_train_steps", str(args.compare_steps), "--train_batch_size", str(args.batch),
         "--learning_rate", str(args.learning_rate), "--control_task", args.compare_task,
         "--control_channels", args.control_channels,
         "--checkpointing_steps", "0", "--validation_steps", "0", "--num_validation_images", "2",
         "--sample_steps", str(args.sample_steps), "--report_to", "none",
         "--proportion_empty_prompts", str(args.proportion_empty_prompts), "--seed", str(seed),
+        "--high_noise_share", str(args.high_noise_share),
     ]
     if method in ("oft", "oftv2"):
         argv += ["--block_size", str(args.block_size)]
@@ -205,7 +206,7 @@ def _compare_argv(args, model: Path, data: Path, out: Path, variant: str, seed: 
         argv += ["--block_size", str(args.boft_block_size), "--n_factors", str(args.boft_factors)]
     if method == "lora":
         argv += ["--lora_rank", str(args.lora_rank)]
-    return argv
+    return argv + flags  # last, so that a variant's own value wins over the recipe
 
 
 def _trained_with(summary_file: Path, argv: list[str]) -> bool:
@@ -386,7 +387,9 @@ def markdown(result: dict) -> str:
         if recipe:
             lines += [f"{recipe['steps']} steps of batch {recipe['batch']} at learning rate {recipe['learning_rate']:g}, "
                       f"{recipe['proportion_empty_prompts']:.0%} empty prompts, "
-                      f"{recipe.get('layout_free', 0.0):.0%} of the training captions without sizes and places.", ""]
+                      f"{recipe.get('layout_free', 0.0):.0%} of the training captions without sizes and places"
+                      + (f", {recipe['high_noise_share']:.0%} of the timesteps near pure noise"
+                         if recipe.get("high_noise_share") else "") + ".", ""]
         lines += [f"Mean ± standard deviation of {key} over the training seeds, for each prompt condition.", "",
                   "| method | seeds | with the caption | caption without sizes and places | empty prompt | "
                   "trainable params (encoder + adapter) | training time |",
@@ -432,6 +435,8 @@ def main(argv=None) -> int:
     p.add_argument("--lora_rank", type=int, default=2, help="2: about OFT's parameter count at block size 8")
     p.add_argument("--control_channels", default="16,32,64,128")
     p.add_argument("--proportion_empty_prompts", type=float, default=0.5)
+    p.add_argument("--high_noise_share", type=float, default=0.0,
+                   help="share of the compared runs' training timesteps drawn near pure noise")
     p.add_argument("--interpolation", action="store_true")
     p.add_argument("--boft_adapter", default=None, help="a BOFT control adapter (for --compare_task) for the factor-by-factor row")
     p.add_argument("--work_dir", default=str(ROOT / "runs" / "control_benchmark"))
@@ -462,7 +467,8 @@ def main(argv=None) -> int:
         result["compare"] = compare(args, model, scenes, Path(args.work_dir))
         result["compare_means"] = compare_means(result["compare"])
         result["compare_recipe"] = {"steps": args.compare_steps, "batch": args.batch, "learning_rate": args.learning_rate,
-                                    "proportion_empty_prompts": args.proportion_empty_prompts, "layout_free": args.layout_free}
+                                    "proportion_empty_prompts": args.proportion_empty_prompts, "layout_free": args.layout_free,
+                                    "high_noise_share": args.high_noise_share}
         boft_runs = [r for r in result["compare"] if r["method"] == "boft"]
         if boft_runs and not args.boft_adapter:
             args.boft_adapter = boft_runs[0]["adapter"]

@@ -40,6 +40,10 @@ def test_compare_means_average_each_method_over_its_seeds():
                           "machine": "x", "compare": rows, "compare_means": list(means.values()), "compare_recipe": recipe})
     assert ("2000 steps of batch 16 at learning rate 0.003, 50% empty prompts, 50% of the training captions "
             "without sizes and places.") in table
+    table = mod.markdown({"model": "m", "eval_scenes": 2, "first_eval_seed": 0, "sample_steps": 2, "guidance_scale": 3.0,
+                          "machine": "x", "compare": rows, "compare_means": list(means.values()),
+                          "compare_recipe": {**recipe, "high_noise_share": 0.3}})
+    assert "without sizes and places, 30% of the timesteps near pure noise." in table
 
 
 def test_a_finished_run_is_recognised_only_with_the_same_training_arguments(tmp_path: Path):
@@ -48,7 +52,7 @@ def test_a_finished_run_is_recognised_only_with_the_same_training_arguments(tmp_
 
     args = Namespace(compare_steps=10, batch=2, learning_rate=1e-3, compare_task="canny", control_channels="8,16",
                      sample_steps=2, proportion_empty_prompts=0.5, block_size=8, boft_block_size=4, boft_factors=2,
-                     lora_rank=2)
+                     lora_rank=2, high_noise_share=0.0)
     argv = mod._compare_argv(args, tmp_path / "model", tmp_path / "data", tmp_path / "out", "oft", 1)
     summary = tmp_path / "summary.json"
     assert not mod._trained_with(summary, argv)  # no run yet
@@ -67,6 +71,10 @@ def test_a_finished_run_is_recognised_only_with_the_same_training_arguments(tmp_
     high_noise = mod._compare_argv(args, tmp_path / "model", tmp_path / "data", tmp_path / "out",
                                    "oft+high_noise_share=0.15", 1)
     assert build_parser().parse_args(high_noise).high_noise_share == 0.15
+    recipe = Namespace(**{**vars(args), "high_noise_share": 0.3})
+    assert build_parser().parse_args(mod._compare_argv(recipe, tmp_path, tmp_path, tmp_path, "lora", 1)).high_noise_share == 0.3
+    assert build_parser().parse_args(mod._compare_argv(recipe, tmp_path, tmp_path, tmp_path, "oft+high_noise_share=0",
+                                                       1)).high_noise_share == 0  # the variant wins
     assert not mod._trained_with(summary, high_noise)  # the same method trained on other timesteps
     summary.write_text(summary.read_text()[:20])  # truncated by a kill
     assert not mod._trained_with(summary, argv)
