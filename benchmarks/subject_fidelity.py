@@ -168,13 +168,16 @@ def evaluate(pipe, subject, reference, seeds: list[int], steps: int, guidance: f
 
 #: Adapter options a variant may set after ``+`` (``oft@3e-3+constraint=0.1``).
 VARIANT_OPTIONS = ("constraint", "block_size", "n_factors", "lora_rank", "neumann_terms", "qgoft_lambda")
+# Options with words for values; ";" separates target patterns (the method list uses ",").
+TEXT_OPTIONS = {"side": ("input", "output"), "unet_targets": None}
 
 
 def parse_variant(text: str) -> tuple[str, str, tuple[str, ...]]:
     """A variant: method, learning rate and extra adapter flags.
 
     ``"oft@1e-3"`` -> ``("oft", "1e-3", ())``; ``"oft"`` -> ``("oft", <METHOD_FLAGS' rate>, ())``;
-    ``"oft@3e-3+constraint=0.1"`` -> ``("oft", "3e-3", ("--constraint", "0.1"))``.
+    ``"oft@3e-3+constraint=0.1"`` -> ``("oft", "3e-3", ("--constraint", "0.1"))``;
+    ``"oft+unet_targets=attn2.to_k;attn2.to_v"`` -> ``("oft", "1e-3", ("--unet_targets", "attn2.to_k,attn2.to_v"))``.
     """
     head, *options = text.split("+")
     method, _, rate = head.partition("@")
@@ -187,8 +190,15 @@ def parse_variant(text: str) -> tuple[str, str, tuple[str, ...]]:
     extra: list[str] = []
     for option in options:
         key, _, value = option.partition("=")
+        if key in TEXT_OPTIONS and value:
+            choices = TEXT_OPTIONS[key]
+            if choices and value not in choices:
+                raise ValueError(f"bad variant option {option!r}; {key} is one of {', '.join(choices)}")
+            extra += [f"--{key}", value.replace(";", ",")]
+            continue
         if key not in VARIANT_OPTIONS or not value:
-            raise ValueError(f"bad variant option {option!r}; use name=value with a name from {', '.join(VARIANT_OPTIONS)}")
+            names = ", ".join((*VARIANT_OPTIONS, *TEXT_OPTIONS))
+            raise ValueError(f"bad variant option {option!r}; use name=value with a name from {names}")
         float(value)
         extra += [f"--{key}", value]
     return method, rate, tuple(extra)
@@ -208,7 +218,7 @@ def run_one(args, subject, method: str, rate: str, extra: tuple[str, ...], seed:
         "--class_data_dir", str(work / "class" / subject.name),
         "--class_prompt", subject.class_prompt,
         "--num_class_images", str(args.class_images),
-        "--output_dir", str(work / f"{subject.name}-{method}-{rate}{''.join(extra[1::2])}-{seed}"),
+        "--output_dir", str(work / f"{subject.name}-{method}-{rate}{''.join(extra[1::2]).replace(',', '+')}-{seed}"),
         "--max_train_steps", str(args.steps),
         "--train_batch_size", str(args.batch),
         "--seed", str(seed),

@@ -20,6 +20,9 @@ from .config import AdapterConfig
 
 PRESETS: dict[str, list[str]] = {
     "unet-attn": ["to_q", "to_k", "to_v", "to_out.0"],
+    # Cross-attention only: the layers that read the prompt (Custom Diffusion trains to_k/to_v).
+    "unet-cross-attn": ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"],
+    "unet-cross-kv": ["attn2.to_k", "attn2.to_v"],
     "unet-attn-ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"],
     "text-attn": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"],
     "text-attn-mlp": [

@@ -19,6 +19,10 @@ def test_variants_carry_their_learning_rate():
     assert mod.variant_label(*coft) == "oft @ 3e-3 + constraint=0.1"
     with pytest.raises(ValueError, match="bad variant option"):
         mod.parse_variant("oft@1e-3+dropout=0.1")
+    kv = mod.parse_variant("oft@2e-3+side=output+unet_targets=attn2.to_k;attn2.to_v")
+    assert kv == ("oft", "2e-3", ("--side", "output", "--unet_targets", "attn2.to_k,attn2.to_v"))
+    with pytest.raises(ValueError, match="side is one of"):
+        mod.parse_variant("oft@1e-3+side=both")
     with pytest.raises(ValueError, match="unknown method"):
         mod.parse_variant("dora@1e-3")
     with pytest.raises(ValueError):

@@ -236,3 +236,25 @@ def test_default_model_and_a_shipped_subject_with_prior_preservation(tmp_path):
     od.load_adapter(pipe, out / "adapter.safetensors")
     image = pipe(subject.instance_prompt, num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize(
+    "targets, suffixes",
+    [
+        ("unet-attn", ("to_q", "to_k", "to_v", "to_out.0")),
+        ("unet-cross-kv", ("attn2.to_k", "attn2.to_v")),
+        ("attn2.to_k,attn2.to_v", ("attn2.to_k", "attn2.to_v")),
+        (r"re:.*attn1\.to_q,attn2.to_v", ("attn1.to_q", "attn2.to_v")),
+    ],
+)
+def test_lora_baseline_adapts_the_layers_the_target_flag_names(targets, suffixes):
+    from ortho_diffusion.training.dreambooth import attach_lora
+
+    pipe = tiny_pipeline("sd15")
+    args = build_parser().parse_args(
+        ["--instance_data_dir", "x", "--output_dir", "y", "--method", "lora", "--lora_rank", "2", "--unet_targets", targets]
+    )
+    expected = {n for n, m in pipe.unet.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(suffixes)}
+    attach_lora(pipe, args)
+    adapted = {n.split(".lora_A.")[0] for n, _ in pipe.unet.named_parameters() if ".lora_A." in n}
+    assert expected and adapted == expected

@@ -97,7 +97,8 @@ def add_adapter_args(
     g.add_argument("--qgoft_lambda", type=float, default=1e-2)
 
 
-def _targets(value: str) -> str | list[str]:
+def parse_targets(value: str) -> str | list[str]:
+    """A ``--*_targets`` flag value (a preset name or comma-separated patterns) for :class:`AdapterConfig`."""
     parts = [t.strip() for t in value.split(",") if t.strip()]
     return parts[0] if len(parts) == 1 else parts
 
@@ -123,8 +124,8 @@ def adapter_configs(args: argparse.Namespace) -> tuple[AdapterConfig | None, Ada
         qgoft_lambda=args.qgoft_lambda,
     )
     try:
-        unet = AdapterConfig(targets=_targets(args.unet_targets), **common)
-        text = AdapterConfig(targets=_targets(args.text_encoder_targets), **common) if args.train_text_encoder else None
+        unet = AdapterConfig(targets=parse_targets(args.unet_targets), **common)
+        text = AdapterConfig(targets=parse_targets(args.text_encoder_targets), **common) if args.train_text_encoder else None
     except ValueError as err:
         raise TrainingError(f"adapter settings: {err}") from None
     return unet, text

@@ -8,6 +8,7 @@ keep the class prompt's meaning while the adapter learns the subject.
 from __future__ import annotations
 
 import argparse
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from ..diffusion import ModelFolderError, encode_images, encode_prompts, load_pi
 from ..formats import restore_adapter_values, save_adapter
 from ..formats.native import AdapterFileError
 from ..files import atomic_write_json, save_image_atomic
-from .common import TrainingError, Timer, adapter_configs, add_adapter_args, add_common_args
+from .common import TrainingError, Timer, adapter_configs, add_adapter_args, add_common_args, parse_targets
 from ..images import IMAGE_SUFFIXES, DataError, image_grid, load_image_folder, to_pil
 from .loop import init_trackers, make_accelerator, train_loop
 
@@ -246,8 +247,17 @@ def train(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     return pipe, summary
 
 
-LORA_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-LORA_TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+def lora_targets(value: str) -> str | list[str]:
+    """peft ``target_modules`` for a ``--unet_targets`` / ``--text_encoder_targets`` value.
+
+    The same presets and patterns as the orthogonal adapters, so a baseline compared with
+    them adapts the same layers. peft matches names by suffix, as :func:`~ortho_diffusion.inject.matches` does;
+    ``re:`` patterns become one full-match regular expression.
+    """
+    patterns = inject.resolve_targets(parse_targets(value))
+    if not any(p.startswith("re:") for p in patterns):
+        return patterns
+    return "|".join(f"(?:{p[3:]})" if p.startswith("re:") else f"(?:.*\\.)?{re.escape(p)}" for p in patterns)
 
 
 def attach_lora(pipe: Any, args: argparse.Namespace) -> list[torch.nn.Parameter]:
@@ -259,11 +269,11 @@ def attach_lora(pipe: Any, args: argparse.Namespace) -> list[torch.nn.Parameter]
     # text encoder left trainable (though not trained) would add all its weights to it.
     pipe.unet.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
-    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_UNET_TARGETS))
+    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=lora_targets(args.unet_targets)))
     modules = [pipe.unet]
     if args.train_text_encoder:
         pipe.text_encoder.add_adapter(
-            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TEXT_TARGETS)
+            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=lora_targets(args.text_encoder_targets))
         )
         modules.append(pipe.text_encoder)
     return [p for m in modules for p in m.parameters() if p.requires_grad]
