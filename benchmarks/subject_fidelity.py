@@ -74,6 +74,7 @@ METHOD_FLAGS = {
     "boft": ["--method", "boft", "--block_size", "4", "--n_factors", "2", "--learning_rate", "1e-3"],
     "goft": ["--method", "goft", "--learning_rate", "1e-2"],
     "qgoft": ["--method", "qgoft", "--learning_rate", "1e-3"],
+    "lroft": ["--method", "lroft", "--rank", "2", "--learning_rate", "3e-3"],
     "lora": ["--method", "lora", "--lora_rank", "2", "--learning_rate", "3e-4"],
 }
 
@@ -167,7 +168,7 @@ def evaluate(pipe, subject, reference, seeds: list[int], steps: int, guidance: f
 
 
 #: Adapter options a variant may set after ``+`` (``oft@3e-3+constraint=0.1``).
-VARIANT_OPTIONS = ("constraint", "block_size", "n_factors", "lora_rank", "neumann_terms", "qgoft_lambda")
+VARIANT_OPTIONS = ("constraint", "block_size", "n_factors", "lora_rank", "rank", "neumann_terms", "qgoft_lambda")
 # Options with words for values; ";" separates target patterns (the method list uses ",").
 TEXT_OPTIONS = {"side": ("input", "output"), "unet_targets": None}
 

@@ -7,9 +7,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .rotations import ButterflyCayleyRotation, GivensRotation, Rotation, default_block_size
+from .rotations import ButterflyCayleyRotation, GivensRotation, LowRankCayleyRotation, Rotation, default_block_size
 
-METHODS = ("oft", "oftv2", "boft", "goft", "qgoft")
+METHODS = ("oft", "oftv2", "boft", "goft", "qgoft", "lroft")
+#: ``rank`` of ``lroft`` when not given.
+DEFAULT_RANK = 4
 SIDES = ("input", "output")
 COMPUTES = ("auto", "input-centric", "weight-centric")
 BUTTERFLY_ORDERS = ("ascending", "descending")
@@ -21,7 +23,8 @@ class AdapterConfig:
 
     Attributes:
         method: ``"oft"`` (block-diagonal, exact Cayley), ``"oftv2"`` (Cayley-Neumann),
-            ``"boft"`` (butterfly product), ``"goft"`` (Givens), ``"qgoft"`` (relaxed Givens).
+            ``"boft"`` (butterfly product), ``"goft"`` (Givens), ``"qgoft"`` (relaxed Givens),
+            ``"lroft"`` (Cayley of a rank-``2r`` generator: moves only a learned subspace).
         block_size: block size ``b`` of the block families; exclusive with ``n_blocks``.
             When both are ``None``, each layer takes the largest valid ``b <= 32``.
         n_blocks: number of blocks ``r`` per layer (``b = width / r``).
@@ -37,6 +40,7 @@ class AdapterConfig:
         targets: a preset name (see :data:`ortho_diffusion.inject.PRESETS`) or a list of
             module-name patterns (suffixes of dotted names, or ``"re:<regex>"``).
         qgoft_lambda: weight of qGOFT's soft-orthogonality penalty.
+        rank: ``r`` of ``lroft`` (default 4; it rotates a subspace of dimension ``2r``).
         butterfly_order: ``"ascending"`` (factor ``k`` of ``R = F_0 ... F_{m-1}`` pairs
             half-blocks ``2^k`` apart: peft's order) or ``"descending"`` (``2^(m-1-k)``:
             the block-diagonal factor acts first, LyCORIS' order; set by LyCORIS imports).
@@ -55,6 +59,7 @@ class AdapterConfig:
     targets: str | list[str] = "unet-attn"
     qgoft_lambda: float = 1e-2
     butterfly_order: str = "ascending"
+    rank: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -73,6 +78,15 @@ class AdapterConfig:
             raise ValueError(f"constraint must be positive, got {self.constraint}")
         if self.method in ("goft", "qgoft") and (self.block_size or self.n_blocks or self.block_share):
             raise ValueError(f"{self.method} rotates the whole width: block_size, n_blocks, block_share do not apply")
+        if self.method == "lroft":
+            if self.block_size or self.n_blocks or self.block_share or self.constraint is not None:
+                raise ValueError("lroft has a rank, not blocks or a constraint: block_size, n_blocks, block_share, constraint do not apply")
+            if self.rank is None:
+                self.rank = DEFAULT_RANK
+            if self.rank < 1:
+                raise ValueError(f"rank must be at least 1, got {self.rank}")
+        elif self.rank is not None:
+            raise ValueError(f"rank only applies to method 'lroft', not {self.method!r}")
         if self.butterfly_order not in BUTTERFLY_ORDERS:
             raise ValueError(f"butterfly_order must be one of {BUTTERFLY_ORDERS}, got {self.butterfly_order!r}")
         if isinstance(self.targets, tuple):
@@ -96,6 +110,8 @@ class AdapterConfig:
 
     def build_rotation(self, dim: int) -> Rotation:
         """The rotation of this method for a width ``dim``."""
+        if self.method == "lroft":
+            return LowRankCayleyRotation(dim, self.rank)
         if self.method in ("goft", "qgoft"):
             return GivensRotation(dim, relaxed=self.method == "qgoft", constraint=self.constraint)
         n_factors = self.n_factors

@@ -14,6 +14,7 @@ METHOD_KW = {
     "boft": {"block_size": 4, "n_factors": 2},
     "goft": {},
     "qgoft": {},
+    "lroft": {"rank": 2},
 }
 ALL = list(METHOD_KW)
 

@@ -106,6 +106,21 @@ def test_input_side_adapters_export_as_exact_differences(tmp_path):
         torch.testing.assert_close(target.get_submodule(p).weight, w, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_low_rank_cayley_exports_as_exact_differences(tmp_path, side):
+    unet, path = trained(tmp_path, method="lroft", rank=2, side=side)
+    with pytest.raises(od.ExportError, match="not a block rotation"):
+        od.export(path, "lycoris", tmp_path / "x.safetensors", base=tiny_unet("sd15"), mode="native")
+    out = tmp_path / "ly.safetensors"
+    od.export(path, "lycoris", out, base=tiny_unet("sd15"))
+    target = tiny_unet("sd15")
+    lycoris_merge(out, target)
+    ours = adapted_weights(unet)
+    for p, w in ours.items():
+        torch.testing.assert_close(target.get_submodule(p).weight, w, atol=1e-5, rtol=1e-5)
+    assert max((w - tiny_unet("sd15").get_submodule(p).weight).abs().max() for p, w in ours.items()) > 1e-3
+
+
 def test_pipeline_export_covers_the_text_encoder(tmp_path):
     pipe = tiny_pipeline("sd15")
     cfg = od.AdapterConfig(method="oft", block_size=4, side="output")

@@ -109,6 +109,7 @@ def test_pipeline_export_has_one_folder_per_component(tmp_path):
     "cfg, reason",
     [
         (dict(method="goft"), "Givens"),
+        (dict(method="lroft", rank=2), "low-rank Cayley"),
         (dict(method="oft", block_size=8, side="output"), "output side"),
         (dict(method="boft", block_size=2, n_factors=3), "one or two factors"),
     ],

@@ -36,7 +36,7 @@ def assert_unchanged(model, snap):
     assert set(now) == set(state) and all(torch.equal(now[k], state[k]) for k in state)
 
 
-@pytest.mark.parametrize("method", ["oft", "oftv2", "boft", "goft", "qgoft"])
+@pytest.mark.parametrize("method", ["oft", "oftv2", "boft", "goft", "qgoft", "lroft"])
 def test_round_trip_into_a_fresh_model(tmp_path, method):
     unet = trained_unet(method)
     path = od.save_adapter(unet, tmp_path / "a.safetensors")

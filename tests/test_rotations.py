@@ -30,8 +30,8 @@ def make(method: str, dim: int = WIDTH, **kw):
     return AdapterConfig(method=method, **kw).build_rotation(dim)
 
 
-ALL = ["oft", "oftv2", "boft", "goft", "qgoft"]
-EXACT = ["oft", "boft", "goft"]
+ALL = ["oft", "oftv2", "boft", "goft", "qgoft", "lroft"]
+EXACT = ["oft", "boft", "goft", "lroft"]
 
 
 def orthogonality_error(r, scale=1.0, dtype=torch.float32):
@@ -79,8 +79,9 @@ def test_scale_zero_is_identity_and_scale_scales_the_generator(method):
     assert torch.allclose(r.matrix(0.0, dtype=torch.float64), torch.eye(WIDTH, dtype=torch.float64), atol=1e-15)
     twice = make(method)
     with torch.no_grad():
-        for p, q in zip(twice.parameters(), r.parameters()):
-            p.copy_(2 * q)
+        for (name, p), q in zip(twice.named_parameters(), r.parameters()):
+            # lroft's generator U V^T - V U^T is linear in V alone.
+            p.copy_(q if name == "u" else 2 * q)
     torch.testing.assert_close(twice.matrix(1.0), r.matrix(2.0), atol=1e-6, rtol=1e-6)
 
 
@@ -97,6 +98,24 @@ def test_gradcheck_float64(method):
     x = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
     inputs = (x, *[p.detach().clone().requires_grad_(True) for p in r.parameters()])
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6)
+
+
+def test_lroft_moves_only_the_span_of_its_factors():
+    r = make("lroft", rank=3)
+    randomize(r.parameters(), std=0.3)
+    m = r.matrix(dtype=torch.float64)
+    w = torch.cat([r.u, r.v], 1).detach().double()  # (48, 6)
+    z = torch.randn(WIDTH, 5, dtype=torch.float64)
+    z = z - w @ torch.linalg.lstsq(w, z).solution  # orthogonal to U and V
+    torch.testing.assert_close(m @ z, z, atol=1e-12, rtol=0)
+    moved = torch.linalg.matrix_rank(m - torch.eye(WIDTH, dtype=torch.float64)).item()
+    assert moved == 6  # exactly the 2r directions
+    with pytest.raises(ValueError, match="rank"):
+        make("lroft", dim=6, rank=4)
+    with pytest.raises(ValueError, match="lroft has a rank"):
+        AdapterConfig(method="lroft", block_size=8)
+    with pytest.raises(ValueError, match="rank only applies"):
+        AdapterConfig(method="oft", rank=4)
 
 
 def test_boft_with_one_factor_equals_oft():

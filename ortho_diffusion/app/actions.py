@@ -37,6 +37,8 @@ METHOD_HELP = {
     "goft": "**GOFT**: Givens rotations in log2(d) stages: the fewest parameters (d − 1 per layer).",
     "qgoft": "**qGOFT**: Givens pairs relaxed to free 2×2 matrices, kept near-orthogonal by a soft penalty: "
     "a little more freedom than GOFT.",
+    "lroft": "**LR-OFT**: one rotation of a few learned directions (Cayley of a low-rank generator), the rest of "
+    "each layer untouched: LoRA's selectivity with an exact rotation.",
 }
 
 PRESETS: dict[str, dict[str, Any]] = {

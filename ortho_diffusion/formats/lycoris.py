@@ -86,7 +86,7 @@ def interleave_perm(b: int) -> torch.Tensor:
 def _native_tensors(config: AdapterConfig, tensors: dict[str, torch.Tensor], kind, scale: float):
     """LyCORIS tensors for one module, or ``(None, reason)`` when native keys cannot express it."""
     if config.method not in ("oft", "oftv2", "boft"):
-        return None, f"{config.method} is a Givens rotation, which LyCORIS has no keys for"
+        return None, f"{config.method} is not a block rotation, and LyCORIS has keys only for those"
     if config.side != "output":
         return None, "LyCORIS rotates the output side (R W); this adapter rotates the input side (W R)"
     q = effective_skew(config, tensors["generators"], scale)  # (m, stored, b, b) float64

@@ -5,7 +5,8 @@ Layout:
 * tensors ``"<component>/<module path>/<tensor>"``, e.g.
   ``"unet/down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q/generators"``;
   ``<tensor>`` is ``generators`` (packed skew generators, ``(n_factors, blocks, b(b-1)/2)``),
-  ``angles`` / ``relax`` (Givens) or ``magnitude`` (``rescale``);
+  ``angles`` / ``relax`` (Givens), ``u`` / ``v`` (``lroft``, ``(dim, rank)``) or
+  ``magnitude`` (``rescale``);
 * string metadata: ``format`` (``"ortho-diffusion.adapter"``), ``format_version``,
   ``library_version``, ``components`` (JSON list), and per component
   ``config.<c>`` (the :class:`AdapterConfig` as JSON), ``modules.<c>`` (JSON list of

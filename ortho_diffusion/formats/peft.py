@@ -63,6 +63,8 @@ def _peft_layer(comp: str, path: str, config: AdapterConfig, tensors: dict[str, 
     where = f"{comp}.{path}"
     if config.method in ("goft", "qgoft"):
         raise ExportError(f"{where}: peft has no Givens-rotation tuner, so {config.method} cannot be exported to peft")
+    if config.method == "lroft":
+        raise ExportError(f"{where}: peft has no low-rank Cayley tuner, so lroft cannot be exported to peft; export it to 'lycoris' (full differences) or 'merged'")
     if config.side != "input":
         raise ExportError(
             f"{where}: peft rotates the input side of each neuron (W R); this adapter rotates the output side (R W). "

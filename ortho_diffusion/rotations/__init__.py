@@ -5,6 +5,7 @@ from .block_linear import block_rotated_linear, output_rotated_linear, rotate_ou
 from .butterfly import ButterflyCayleyRotation, butterfly_error, default_block_size, max_factors, valid_layouts
 from .cayley import cayley, cayley_neumann, pack_skew, unpack_skew
 from .givens import GivensRotation, givens_stages
+from .lowrank import LowRankCayleyRotation
 from .scale_shift import scale_shift
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "Rotation",
     "ButterflyCayleyRotation",
     "GivensRotation",
+    "LowRankCayleyRotation",
     "block_rotated_linear",
     "butterfly_error",
     "cayley",

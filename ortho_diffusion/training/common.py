@@ -81,7 +81,7 @@ def add_adapter_args(
         "--method",
         type=str,
         default="oft",
-        choices=["oft", "oftv2", "boft", "goft", "qgoft", "lora", *extra_methods],
+        choices=["oft", "oftv2", "boft", "goft", "qgoft", "lroft", "lora", *extra_methods],
         help="orthogonal method, or lora: peft's LoRA as a baseline for comparisons",
     )
     g.add_argument("--block_size", type=int, default=None)
@@ -95,6 +95,7 @@ def add_adapter_args(
     g.add_argument("--rescale", action="store_true")
     g.add_argument("--block_share", action="store_true")
     g.add_argument("--qgoft_lambda", type=float, default=1e-2)
+    g.add_argument("--rank", type=int, default=None, help="rank r of --method lroft (default 4)")
 
 
 def parse_targets(value: str) -> str | list[str]:
@@ -122,6 +123,7 @@ def adapter_configs(args: argparse.Namespace) -> tuple[AdapterConfig | None, Ada
         rescale=args.rescale,
         block_share=args.block_share,
         qgoft_lambda=args.qgoft_lambda,
+        rank=args.rank,
     )
     try:
         unet = AdapterConfig(targets=parse_targets(args.unet_targets), **common)
