@@ -222,7 +222,7 @@ def _trained_with(summary_file: Path, argv: list[str]) -> bool:
     wanted = vars(build_parser().parse_args(argv))
     keys = ("method", "max_train_steps", "train_batch_size", "learning_rate", "seed", "block_size", "n_factors",
             "lora_rank", "control_channels", "proportion_empty_prompts", "control_task", "rescale", "side",
-            "unet_targets", "encoder_lr_scale", "high_noise_share")
+            "unet_targets", "encoder_lr_scale", "high_noise_share", "rank")
     return all(str(recorded.get(k)) == str(wanted.get(k)) for k in keys if k in wanted)
 
 

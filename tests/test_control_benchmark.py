@@ -76,5 +76,9 @@ def test_a_finished_run_is_recognised_only_with_the_same_training_arguments(tmp_
     assert build_parser().parse_args(mod._compare_argv(recipe, tmp_path, tmp_path, tmp_path, "oft+high_noise_share=0",
                                                        1)).high_noise_share == 0  # the variant wins
     assert not mod._trained_with(summary, high_noise)  # the same method trained on other timesteps
+    low_rank = [mod._compare_argv(args, tmp_path, tmp_path, tmp_path, f"lroft+rank={r}", 1) for r in (2, 4)]
+    summary.write_text(json.dumps({"arguments": vars(build_parser().parse_args(low_rank[0]))}))
+    assert mod._trained_with(summary, low_rank[0]) and not mod._trained_with(summary, low_rank[1])
+    summary.write_text(json.dumps({"arguments": vars(build_parser().parse_args(argv))}))
     summary.write_text(summary.read_text()[:20])  # truncated by a kill
     assert not mod._trained_with(summary, argv)
