@@ -171,6 +171,8 @@ def evaluate(pipe, subject, reference, seeds: list[int], steps: int, guidance: f
 VARIANT_OPTIONS = ("constraint", "block_size", "n_factors", "lora_rank", "rank", "neumann_terms", "qgoft_lambda")
 # Options with words for values; ";" separates target patterns (the method list uses ",").
 TEXT_OPTIONS = {"side": ("input", "output"), "unet_targets": None}
+# Switches without a value (``lora@5e-4+train_text_encoder``).
+SWITCH_OPTIONS = ("train_text_encoder",)
 
 
 def parse_variant(text: str) -> tuple[str, str, tuple[str, ...]]:
@@ -178,7 +180,8 @@ def parse_variant(text: str) -> tuple[str, str, tuple[str, ...]]:
 
     ``"oft@1e-3"`` -> ``("oft", "1e-3", ())``; ``"oft"`` -> ``("oft", <METHOD_FLAGS' rate>, ())``;
     ``"oft@3e-3+constraint=0.1"`` -> ``("oft", "3e-3", ("--constraint", "0.1"))``;
-    ``"oft+unet_targets=attn2.to_k;attn2.to_v"`` -> ``("oft", "1e-3", ("--unet_targets", "attn2.to_k,attn2.to_v"))``.
+    ``"oft+unet_targets=attn2.to_k;attn2.to_v"`` -> ``("oft", "1e-3", ("--unet_targets", "attn2.to_k,attn2.to_v"))``;
+    ``"lora@5e-4+train_text_encoder"`` -> ``("lora", "5e-4", ("--train_text_encoder",))``.
     """
     head, *options = text.split("+")
     method, _, rate = head.partition("@")
@@ -191,6 +194,9 @@ def parse_variant(text: str) -> tuple[str, str, tuple[str, ...]]:
     extra: list[str] = []
     for option in options:
         key, _, value = option.partition("=")
+        if key in SWITCH_OPTIONS and not value:
+            extra.append(f"--{key}")
+            continue
         if key in TEXT_OPTIONS and value:
             choices = TEXT_OPTIONS[key]
             if choices and value not in choices:
@@ -199,15 +205,38 @@ def parse_variant(text: str) -> tuple[str, str, tuple[str, ...]]:
             continue
         if key not in VARIANT_OPTIONS or not value:
             names = ", ".join((*VARIANT_OPTIONS, *TEXT_OPTIONS))
-            raise ValueError(f"bad variant option {option!r}; use name=value with a name from {names}")
+            raise ValueError(
+                f"bad variant option {option!r}; use name=value with a name from {names}, or {', '.join(SWITCH_OPTIONS)} alone"
+            )
         float(value)
         extra += [f"--{key}", value]
     return method, rate, tuple(extra)
 
 
+def option_pairs(extra: tuple[str, ...]) -> list[tuple[str, str | None]]:
+    """``("--side", "output", "--train_text_encoder")`` -> ``[("side", "output"), ("train_text_encoder", None)]``."""
+    pairs: list[tuple[str, str | None]] = []
+    i = 0
+    while i < len(extra):
+        key = extra[i][2:]
+        if key in SWITCH_OPTIONS:
+            pairs.append((key, None))
+            i += 1
+        else:
+            pairs.append((key, extra[i + 1]))
+            i += 2
+    return pairs
+
+
 def variant_label(method: str, rate: str, extra: tuple[str, ...] = ()) -> str:
-    options = "".join(f" + {k[2:]}={v}" for k, v in zip(extra[::2], extra[1::2]))
+    options = "".join(f" + {k}" if v is None else f" + {k}={v}" for k, v in option_pairs(extra))
     return f"{method} @ {rate}{options}"
+
+
+def run_name(method: str, rate: str, extra: tuple[str, ...], seed: int) -> str:
+    """Folder name of one run: the method, rate, option values (switches by name) and seed."""
+    tags = "".join((k if v is None else v).replace(",", "+") for k, v in option_pairs(extra))
+    return f"{method}-{rate}{tags}-{seed}"
 
 
 def run_one(args, subject, method: str, rate: str, extra: tuple[str, ...], seed: int, work: Path) -> tuple[dict, object]:
@@ -219,7 +248,7 @@ def run_one(args, subject, method: str, rate: str, extra: tuple[str, ...], seed:
         "--class_data_dir", str(work / "class" / subject.name),
         "--class_prompt", subject.class_prompt,
         "--num_class_images", str(args.class_images),
-        "--output_dir", str(work / f"{subject.name}-{method}-{rate}{''.join(extra[1::2]).replace(',', '+')}-{seed}"),
+        "--output_dir", str(work / f"{subject.name}-{run_name(method, rate, extra, seed)}"),
         "--max_train_steps", str(args.steps),
         "--train_batch_size", str(args.batch),
         "--seed", str(seed),

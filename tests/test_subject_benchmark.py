@@ -21,6 +21,13 @@ def test_variants_carry_their_learning_rate():
         mod.parse_variant("oft@1e-3+dropout=0.1")
     kv = mod.parse_variant("oft@2e-3+side=output+unet_targets=attn2.to_k;attn2.to_v")
     assert kv == ("oft", "2e-3", ("--side", "output", "--unet_targets", "attn2.to_k,attn2.to_v"))
+    assert mod.run_name(*kv, 3) == "oft-2e-3outputattn2.to_k+attn2.to_v-3"
+    te = mod.parse_variant("lora@5e-4+train_text_encoder+lora_rank=4")
+    assert te == ("lora", "5e-4", ("--train_text_encoder", "--lora_rank", "4"))
+    assert mod.variant_label(*te) == "lora @ 5e-4 + train_text_encoder + lora_rank=4"
+    assert mod.run_name(*te, 0) == "lora-5e-4train_text_encoder4-0"
+    with pytest.raises(ValueError, match="bad variant option"):
+        mod.parse_variant("lora+train_text_encoder=yes")
     with pytest.raises(ValueError, match="side is one of"):
         mod.parse_variant("oft@1e-3+side=both")
     with pytest.raises(ValueError, match="unknown method"):

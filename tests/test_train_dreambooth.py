@@ -215,6 +215,22 @@ def test_lora_baseline_trains_and_resumes_its_own_tensors(models, instance_dir, 
     assert json.loads((out / "summary.json").read_text())["steps"] == 6
 
 
+def test_lora_baseline_trains_the_text_encoder_too(models, instance_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "lora-te"
+    args = base_args(models / "sd15", instance_dir, out, steps=3, method="lora", lora_rank=2, train_text_encoder=True,
+                     checkpointing_steps=2, learning_rate=1e-2)
+    assert train(args) == 0
+    tensors = load_file(str(out / "adapter.safetensors"))
+    text_b = [v for k, v in tensors.items() if k.startswith("text_encoder.") and ".lora_B." in k]
+    assert text_b and any(v.abs().sum() > 0 for v in text_b)  # zero at initialisation: trained
+    resumed = base_args(models / "sd15", instance_dir, out, steps=4, method="lora", lora_rank=2, train_text_encoder=True,
+                        resume_from_checkpoint="latest")
+    assert train(resumed) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+
+
 def test_default_model_and_a_shipped_subject_with_prior_preservation(tmp_path):
     from ortho_diffusion.default_model import default_model_path
     from ortho_diffusion.subjects import SUBJECTS, subjects_root

@@ -262,7 +262,7 @@ def lora_targets(value: str) -> str | list[str]:
 
 def attach_lora(pipe: Any, args: argparse.Namespace) -> list[torch.nn.Parameter]:
     """The peft LoRA baseline (``--method lora``) on the UNet (and text encoder); its parameters."""
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
 
     rank = args.lora_rank
     # Frozen first, both: the saved file holds every tensor that requires a gradient, and a
@@ -272,8 +272,10 @@ def attach_lora(pipe: Any, args: argparse.Namespace) -> list[torch.nn.Parameter]
     pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=lora_targets(args.unet_targets)))
     modules = [pipe.unet]
     if args.train_text_encoder:
-        pipe.text_encoder.add_adapter(
-            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=lora_targets(args.text_encoder_targets))
+        # peft's own injector: transformers' add_adapter asks for a newer peft than the pinned one.
+        inject_adapter_in_model(
+            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=lora_targets(args.text_encoder_targets)),
+            pipe.text_encoder,
         )
         modules.append(pipe.text_encoder)
     return [p for m in modules for p in m.parameters() if p.requires_grad]
