@@ -317,6 +317,7 @@ def main(argv=None) -> int:
         rows.append({"subject": subject.name, "method": "base", **base_metrics[subject.name], "parameters": 0})
     rows += done
     finished = {(r["subject"], r["method"], r["seed"]) for r in done}
+    trained_now = False
     # Seeds outermost: an interrupted sweep still has whole seeds over every subject and method.
     for seed in seeds:
         for subject in subjects:
@@ -336,6 +337,9 @@ def main(argv=None) -> int:
                 })
                 print(json.dumps(rows[-1]), flush=True)
                 write_results(Path(args.results), rows, samples, labels, subjects, args)
+                trained_now = True
+    if not trained_now:  # everything was finished already: rewrite the tables from the kept runs
+        write_results(Path(args.results), rows, samples, labels, subjects, args)
     return 0
 
 
@@ -358,9 +362,10 @@ def write_results(out: Path, rows: list[dict], samples: dict, methods: list[str]
     methods = list(dict.fromkeys([*(r["method"] for r in rows if r["method"] != "base"), *methods]))
     cols = ["subject_similarity", "subject_shape", "prompt_background", "prompt_position", "ordinary_accuracy",
             "forgetting", "class_drift", "parameters", "train_seconds"]
+    seeds = ",".join(str(s) for s in sorted({r["seed"] for r in rows if "seed" in r}))
     lines = [
         f"Subject benchmark: {len(subjects)} subjects, {args.steps} steps at batch {args.batch} with prior preservation, "
-        f"training seeds {args.seeds}, {args.eval_seeds} images per prompt, {args.sample_steps} sampling steps, "
+        f"training seeds {seeds}, {args.eval_seeds} images per prompt, {args.sample_steps} sampling steps, "
         f"guidance {args.guidance}. Means over subjects and finished seeds; ordinary prompts: "
         f"{len(ORDINARY)} prompts x {args.eval_seeds} images.",
         "",
@@ -390,8 +395,11 @@ def write_results(out: Path, rows: list[dict], samples: dict, methods: list[str]
     lines += tradeoff_lines(rows)
     atomic_write_bytes(out / "subject_fidelity.md", ("\n".join(lines) + "\n").encode())
     atomic_write_json(out / "subject_fidelity.json", rows)
-    # Only variants with samples from this invocation (resumed rows have none).
+    # Only variants with samples from this invocation (resumed rows have none); base alone
+    # would replace an earlier picture with nothing to compare.
     shown = [m for m in ["base", *methods] if any((subject.name, m) in samples for subject in subjects)]
+    if shown == ["base"]:
+        shown = []
     tiles = [Image.fromarray(img).resize((96, 96), Image.NEAREST)
              for subject in subjects for m in shown for img in samples.get((subject.name, m), [])]
     if tiles:

@@ -3,6 +3,8 @@ benchmark, not a test)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import load_script
 
@@ -120,3 +122,18 @@ def test_frontier_keeps_undominated_points_and_interpolates_within_its_span():
     # OFT spans 0.6-0.8, LoRA 0.5-0.7: compared on 0.6-0.7 only; GOFT has a single rate.
     assert table[-1] == "- oft vs lora: 0.600: 80% vs 70%; 0.650: 75% vs 60%; 0.700: 70% vs 50%"
     assert not any("goft" in line for line in table)
+
+
+def test_resume_with_every_run_finished_rewrites_the_table_without_training(tmp_path):
+    mod = load_script("benchmarks/subject_fidelity.py")
+    metrics = {c: 0.5 for c in ("subject_similarity", "subject_shape", "prompt_background", "prompt_position",
+                                "ordinary_accuracy", "forgetting", "class_drift", "train_seconds")}
+    row = {"subject": "split-circle", "method": "oft @ 1e-3", "learning_rate": 1e-3, "seed": 1, **metrics, "parameters": 7}
+    (tmp_path / "subject_fidelity.json").write_text(json.dumps([row]))
+    work = tmp_path / "work"
+    assert mod.main(["--methods", "oft@1e-3", "--subjects", "split-circle", "--seeds", "1", "--resume",
+                     "--eval_seeds", "1", "--sample_steps", "1", "--work_dir", str(work), "--results", str(tmp_path)]) == 0
+    table = (tmp_path / "subject_fidelity.md").read_text()
+    assert "| oft @ 1e-3 | 1 |" in table and "training seeds 1," in table
+    assert not work.exists()  # nothing trained
+    assert not (tmp_path / "subject_fidelity.png").exists()  # a base-only grid would replace the real one
