@@ -298,6 +298,43 @@ def compare_means(rows: list[dict]) -> list[dict]:
     return means
 
 
+EVALUATION_KEYS = ("model", "eval_scenes", "first_eval_seed", "sample_steps", "guidance_scale")
+
+
+def include_rows(rows: list[dict], files: list[Path], result: dict) -> list[dict]:
+    """``rows`` plus the compared runs recorded in earlier result ``files`` (``control_compare.json``
+    of other invocations), for means over seeds whose run folders are no longer at hand.
+
+    A file must come from the same task, training recipe and evaluation (model, held-out scenes,
+    sampling) as ``result``, otherwise its numbers would not be comparable: ``SystemExit`` names
+    what differs.  A (method, seed) already in ``rows`` keeps the row measured now.
+    """
+    task = rows[0]["task"] if rows else None
+    seen = {(r["method"], r["seed"]) for r in rows}
+    merged = list(rows)
+    for file in files:
+        try:
+            earlier = json.loads(Path(file).read_text())
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--compare_include: cannot read {file}: {exc}") from None
+        if "compare" not in earlier:
+            raise SystemExit(f"--compare_include: {file} has no compared runs")
+        differ = [k for k in EVALUATION_KEYS if earlier.get(k) != result.get(k)]
+        if earlier.get("compare_recipe") != result.get("compare_recipe"):
+            differ.append("compare_recipe")
+        tasks = {r["task"] for r in earlier["compare"]}
+        if task is not None and tasks != {task}:
+            differ.append(f"task ({', '.join(sorted(tasks))} instead of {task})")
+        if differ:
+            raise SystemExit(f"--compare_include: {file} differs from this comparison in {', '.join(differ)}")
+        for r in earlier["compare"]:
+            if (r["method"], r["seed"]) not in seen:
+                seen.add((r["method"], r["seed"]))
+                merged.append(r)
+                task = r["task"]
+    return merged
+
+
 @torch.no_grad()
 def interpolation(args, model: Path, out: Path) -> None:
     """Rows: one control prompt at t = 0, 0.2, ..., 1 per shipped adapter; BOFT factor by factor.
@@ -427,6 +464,9 @@ def main(argv=None) -> int:
     p.add_argument("--layout_free", type=float, default=LAYOUT_FREE_CAPTIONS,
                    help="fraction of the compared runs' training rows captioned without sizes and places")
     p.add_argument("--compare_seeds", default="0", help="training seeds of the compared runs (comma-separated)")
+    p.add_argument("--compare_include", default="",
+                   help="comma-separated earlier control_compare.json files (same task, recipe and evaluation) whose "
+                        "runs join the means")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--block_size", type=int, default=8)
@@ -445,6 +485,7 @@ def main(argv=None) -> int:
     args.tasks = [t for t in args.tasks.split(",") if t]
     args.compare_methods = [m for m in args.compare_methods.split(",") if m]
     args.compare_seeds = [int(k) for k in args.compare_seeds.split(",") if k]
+    args.compare_include = [Path(f) for f in args.compare_include.split(",") if f]
     if args.model is None:
         from ortho_diffusion.default_model import default_model_path
 
@@ -464,11 +505,11 @@ def main(argv=None) -> int:
     if not args.no_shipped:
         result["shipped"], samples = shipped(args, model, scenes)
     if args.compare:
-        result["compare"] = compare(args, model, scenes, Path(args.work_dir))
-        result["compare_means"] = compare_means(result["compare"])
         result["compare_recipe"] = {"steps": args.compare_steps, "batch": args.batch, "learning_rate": args.learning_rate,
                                     "proportion_empty_prompts": args.proportion_empty_prompts, "layout_free": args.layout_free,
                                     "high_noise_share": args.high_noise_share}
+        result["compare"] = include_rows(compare(args, model, scenes, Path(args.work_dir)), args.compare_include, result)
+        result["compare_means"] = compare_means(result["compare"])
         boft_runs = [r for r in result["compare"] if r["method"] == "boft"]
         if boft_runs and not args.boft_adapter:
             args.boft_adapter = boft_runs[0]["adapter"]

@@ -82,3 +82,36 @@ def test_a_finished_run_is_recognised_only_with_the_same_training_arguments(tmp_
     summary.write_text(json.dumps({"arguments": vars(build_parser().parse_args(argv))}))
     summary.write_text(summary.read_text()[:20])  # truncated by a kill
     assert not mod._trained_with(summary, argv)
+
+
+def test_earlier_result_files_join_the_means_only_when_comparable(tmp_path: Path):
+    mod = load_script("benchmarks/control_benchmark.py")
+    recipe = {"steps": 10, "batch": 2, "learning_rate": 1e-3, "proportion_empty_prompts": 0.5, "layout_free": 0.5,
+              "high_noise_share": 0.3}
+    result = {"model": "m", "eval_scenes": 2, "first_eval_seed": 0, "sample_steps": 2, "guidance_scale": 3.0,
+              "compare_recipe": recipe}
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({**result, "machine": "another", "compare": [
+        _row("oft", 100, 0.5, 0.2, 0.4), _row("lora", 100, 0.6, 0.3, 0.5), _row("oft", 101, 0.9, 0.9, 0.9)]}))
+    now = [_row("oft", 101, 0.7, 0.4, 0.6)]
+    rows = mod.include_rows(now, [earlier], result)
+    assert [(r["method"], r["seed"]) for r in rows] == [("oft", 101), ("oft", 100), ("lora", 100)]
+    assert rows[0]["values"]["canny_f1"] == 0.7  # the run measured now wins over the file's
+    means = {m["method"]: m for m in mod.compare_means(rows)}
+    assert means["oft"]["values"]["canny_f1"] == pytest.approx(0.6)
+    assert means["lora"]["seeds"] == [100]
+
+    for change, named in (({"sample_steps": 25}, "sample_steps"),
+                          ({"compare_recipe": {**recipe, "high_noise_share": 0.5}}, "compare_recipe")):
+        other = tmp_path / "other.json"
+        other.write_text(json.dumps({**result, **change, "compare": [_row("lora", 101, 0.6, 0.3, 0.5)]}))
+        with pytest.raises(SystemExit, match=named):
+            mod.include_rows(now, [other], result)
+    segmentation = tmp_path / "segmentation.json"
+    segmentation.write_text(json.dumps({**result, "compare": [{**_row("lora", 101, 0.6, 0.3), "task": "segmentation"}]}))
+    with pytest.raises(SystemExit, match="task"):
+        mod.include_rows(now, [segmentation], result)
+    truncated = tmp_path / "truncated.json"
+    truncated.write_text(earlier.read_text()[:30])
+    with pytest.raises(SystemExit, match="cannot read"):
+        mod.include_rows(now, [truncated], result)
