@@ -165,3 +165,7 @@ def test_peft_import_refuses_other_tuners_and_other_models(tmp_path):
     get_peft_model(tiny_unet("sd15"), PEFT_CASES["oft"]()).save_pretrained(str(tmp_path / "oft"))
     with pytest.raises(od.AdapterFileError, match="does not exist"):
         od.load_adapter(tiny_text_encoder(), tmp_path / "oft")
+    weights = tmp_path / "oft" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
+    with pytest.raises(od.AdapterFileError, match="adapter_model.safetensors: not a readable safetensors file"):
+        od.load_adapter(tiny_unet("sd15"), tmp_path / "oft")

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from ..adapter import OrthogonalAdapter
@@ -50,7 +49,7 @@ from .convert import (
     layer_kinds,
     read_error,
 )
-from .native import AdapterFile, AdapterFileError, atomic_save_safetensors
+from .native import AdapterFile, AdapterFileError, atomic_save_safetensors, read_safetensors
 
 #: Native-key exports of OFTv2 need its rotation to equal an exact Cayley rotation this closely.
 NEUMANN_TOLERANCE = 1e-6
@@ -269,11 +268,7 @@ def _constrained(a: torch.Tensor, alpha: torch.Tensor | None, out_dim: int) -> t
 def read_lycoris(path: str | os.PathLike, x: Any) -> AdapterFile:
     """Convert a LyCORIS ``diag-oft`` / ``boft`` file to the native form, against the model ``x``."""
     path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors raises its own error types for bad files
-        raise read_error(path, f"not a readable safetensors file ({err})") from None
+    _, raw = read_safetensors(path)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in raw.items():
         name, _, tensor = key.partition(".")

@@ -171,6 +171,16 @@ def save_adapter(
     return path
 
 
+def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata and every tensor of the safetensors file ``path``; an unreadable or
+    truncated file raises :class:`AdapterFileError` naming it."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for bad files
+        raise AdapterFileError(f"{path}: not a readable safetensors file ({err})") from None
+
+
 class AdapterFile:
     """A parsed native adapter file: metadata and tensors, read without touching any model.
 
@@ -181,13 +191,7 @@ class AdapterFile:
         self.path = Path(path)
         if not self.path.is_file():
             raise AdapterFileError(f"{self.path}: no such adapter file")
-        try:
-            with safe_open(str(self.path), framework="pt") as f:
-                metadata: dict[str, str] = dict(f.metadata() or {})
-                tensors: dict[str, torch.Tensor] = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as err:  # safetensors raises its own error types for bad files
-            raise AdapterFileError(f"{self.path}: not a readable safetensors file ({err})") from None
-        self._parse(metadata, tensors)
+        self._parse(*read_safetensors(self.path))
 
     @classmethod
     def from_memory(

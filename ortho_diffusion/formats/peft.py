@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import AdapterConfig
@@ -49,7 +48,7 @@ from .convert import (
     packed_block_size,
     read_error,
 )
-from .native import AdapterFile
+from .native import AdapterFile, read_safetensors
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -208,11 +207,7 @@ def _read_one(folder: Path, comp: str, builder: NativeBuilder) -> None:
         raise read_error(folder, f"no {WEIGHTS_NAME}")
     if config.get("modules_to_save") or config.get("bias", "none") != "none":
         raise read_error(folder, "the adapter also trains biases or whole modules, which a rotation cannot hold")
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors raises its own error types for bad files
-        raise read_error(weights, f"not a readable safetensors file ({err})") from None
+    _, tensors = read_safetensors(weights)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
