@@ -307,7 +307,8 @@ def include_rows(rows: list[dict], files: list[Path], result: dict) -> list[dict
 
     A file must come from the same task, training recipe and evaluation (model, held-out scenes,
     sampling) as ``result``, otherwise its numbers would not be comparable: ``SystemExit`` names
-    what differs.  A (method, seed) already in ``rows`` keeps the row measured now.
+    what differs.  A (method, seed) already in ``rows`` keeps the row measured now.  The rows come
+    back ordered by seed.
     """
     task = rows[0]["task"] if rows else None
     seen = {(r["method"], r["seed"]) for r in rows}
@@ -332,7 +333,7 @@ def include_rows(rows: list[dict], files: list[Path], result: dict) -> list[dict
                 seen.add((r["method"], r["seed"]))
                 merged.append(r)
                 task = r["task"]
-    return merged
+    return sorted(merged, key=lambda r: r["seed"])  # stable: within a seed, the order the runs came in
 
 
 @torch.no_grad()

@@ -95,8 +95,8 @@ def test_earlier_result_files_join_the_means_only_when_comparable(tmp_path: Path
         _row("oft", 100, 0.5, 0.2, 0.4), _row("lora", 100, 0.6, 0.3, 0.5), _row("oft", 101, 0.9, 0.9, 0.9)]}))
     now = [_row("oft", 101, 0.7, 0.4, 0.6)]
     rows = mod.include_rows(now, [earlier], result)
-    assert [(r["method"], r["seed"]) for r in rows] == [("oft", 101), ("oft", 100), ("lora", 100)]
-    assert rows[0]["values"]["canny_f1"] == 0.7  # the run measured now wins over the file's
+    assert [(r["method"], r["seed"]) for r in rows] == [("oft", 100), ("lora", 100), ("oft", 101)]
+    assert rows[2]["values"]["canny_f1"] == 0.7  # the run measured now wins over the file's
     means = {m["method"]: m for m in mod.compare_means(rows)}
     assert means["oft"]["values"]["canny_f1"] == pytest.approx(0.6)
     assert means["lora"]["seeds"] == [100]
