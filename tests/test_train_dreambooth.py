@@ -264,7 +264,7 @@ def test_default_model_and_a_shipped_subject_with_prior_preservation(tmp_path):
     ],
 )
 def test_lora_baseline_adapts_the_layers_the_target_flag_names(targets, suffixes):
-    from ortho_diffusion.training.dreambooth import attach_lora
+    from ortho_diffusion.training.lora_baseline import attach_lora
 
     pipe = tiny_pipeline("sd15")
     args = build_parser().parse_args(

@@ -18,12 +18,25 @@ from typing import Any, Callable
 import torch
 
 from ..config import AdapterConfig
-from ..default_model import DEFAULT_GUIDANCE_SCALE
+from ..default_model import DEFAULT_GUIDANCE_SCALE, default_model_path
+from ..diffusion import ModelFolderError, pipeline_class_name
 from ..files import atomic_folder
 
 
 class TrainingError(RuntimeError):
     """A run that cannot start or continue; the script prints its message as one line."""
+
+
+def resolve_model_path(value: str | None) -> Path:
+    """The model folder from the flag, or the embedded default model."""
+    if value is None:
+        return Path(default_model_path())
+    path = Path(value)
+    try:
+        pipeline_class_name(path)
+    except ModelFolderError as err:
+        raise TrainingError(str(err)) from None
+    return path
 
 
 # --------------------------------------------------------------------------- flags

@@ -26,10 +26,10 @@ from ..diffusion import PromptEmbeddings, denoising_loss, encode_images, encode_
 from ..formats import restore_adapter_values, save_adapter
 from ..formats.native import AdapterFileError
 from ..files import atomic_write_json, save_image_atomic
-from .common import TrainingError, Timer, adapter_configs, add_adapter_args, add_common_args
-from .dreambooth import _log_images, attach_lora, resolve_model_path, restore_lora, save_lora
+from .common import TrainingError, Timer, adapter_configs, add_adapter_args, add_common_args, resolve_model_path
+from .lora_baseline import attach_lora, restore_lora, save_lora
 from ..images import DataError, image_grid, open_image, to_pil
-from .loop import init_trackers, make_accelerator, train_loop
+from .loop import init_trackers, log_images, make_accelerator, train_loop
 
 ADAPTER_NAME = "default"
 
@@ -348,7 +348,7 @@ def train(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     def validate(step: int) -> None:
         img, cells = grid()
         save_image_atomic(img, out / "validation" / f"step-{step:06d}.png")
-        _log_images(accelerator, cells, step)
+        log_images(accelerator, cells, step)
 
     def write_adapter(path: Path) -> None:
         if args.method == "lora":

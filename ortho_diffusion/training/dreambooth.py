@@ -8,7 +8,6 @@ keep the class prompt's meaning while the adapter learns the subject.
 from __future__ import annotations
 
 import argparse
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,13 +15,14 @@ from typing import Any
 import torch
 
 from .. import inject
-from ..diffusion import ModelFolderError, encode_images, encode_prompts, load_pipeline, pipeline_class_name
+from ..diffusion import encode_images, encode_prompts, load_pipeline
 from ..formats import restore_adapter_values, save_adapter
 from ..formats.native import AdapterFileError
 from ..files import atomic_write_json, save_image_atomic
-from .common import TrainingError, Timer, adapter_configs, add_adapter_args, add_common_args, parse_targets
+from .common import TrainingError, Timer, adapter_configs, add_adapter_args, add_common_args, resolve_model_path
+from .lora_baseline import attach_lora, restore_lora, save_lora
 from ..images import IMAGE_SUFFIXES, DataError, image_grid, load_image_folder, to_pil
-from .loop import init_trackers, make_accelerator, train_loop
+from .loop import init_trackers, log_images, make_accelerator, train_loop
 
 ADAPTER_NAME = "default"
 
@@ -45,20 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_adapter_args(p)
     p.add_argument("--lora_rank", type=int, default=4, help="rank of the --method lora baseline (peft)")
     return p
-
-
-def resolve_model_path(value: str | None) -> Path:
-    """The model folder from the flag, or the embedded default model."""
-    if value is None:
-        from ..default_model import default_model_path
-
-        return Path(default_model_path())
-    path = Path(value)
-    try:
-        pipeline_class_name(path)
-    except ModelFolderError as err:
-        raise TrainingError(str(err)) from None
-    return path
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -199,7 +185,7 @@ def train(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
             pipe, [validation_prompt] * len(seeds), seeds, args.sample_steps, args.guidance_scale, resolution
         )
         save_image_atomic(image_grid(images), out / "validation" / f"step-{step:06d}.png")
-        _log_images(accelerator, images, step)
+        log_images(accelerator, images, step)
 
     def write_adapter(path: Path) -> None:
         if unet_cfg is None:
@@ -247,84 +233,12 @@ def train(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     return pipe, summary
 
 
-def lora_targets(value: str) -> str | list[str]:
-    """peft ``target_modules`` for a ``--unet_targets`` / ``--text_encoder_targets`` value.
-
-    The same presets and patterns as the orthogonal adapters, so a baseline compared with
-    them adapts the same layers. peft matches names by suffix, as :func:`~ortho_diffusion.inject.matches` does;
-    ``re:`` patterns become one full-match regular expression.
-    """
-    patterns = inject.resolve_targets(parse_targets(value))
-    if not any(p.startswith("re:") for p in patterns):
-        return patterns
-    return "|".join(f"(?:{p[3:]})" if p.startswith("re:") else f"(?:.*\\.)?{re.escape(p)}" for p in patterns)
-
-
-def attach_lora(pipe: Any, args: argparse.Namespace) -> list[torch.nn.Parameter]:
-    """The peft LoRA baseline (``--method lora``) on the UNet (and text encoder); its parameters."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    rank = args.lora_rank
-    # Frozen first, both: the saved file holds every tensor that requires a gradient, and a
-    # text encoder left trainable (though not trained) would add all its weights to it.
-    pipe.unet.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
-    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=lora_targets(args.unet_targets)))
-    modules = [pipe.unet]
-    if args.train_text_encoder:
-        # peft's own injector: transformers' add_adapter asks for a newer peft than the pinned one.
-        inject_adapter_in_model(
-            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=lora_targets(args.text_encoder_targets)),
-            pipe.text_encoder,
-        )
-        modules.append(pipe.text_encoder)
-    return [p for m in modules for p in m.parameters() if p.requires_grad]
-
-
-def _lora_tensors(pipe: Any) -> dict[str, torch.Tensor]:
-    out = {}
-    for comp in ("unet", "text_encoder"):
-        for name, p in getattr(pipe, comp).named_parameters():
-            if p.requires_grad:
-                out[f"{comp}.{name}"] = p
-    return out
-
-
-def save_lora(pipe: Any, path: Path) -> None:
-    """The LoRA baseline's trainable tensors in one safetensors file (written atomically)."""
-    from ..formats.native import atomic_save_safetensors
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in _lora_tensors(pipe).items()}
-    atomic_save_safetensors(tensors, path, {"format": "ortho-diffusion.lora-baseline"})
-
-
-@torch.no_grad()
-def restore_lora(pipe: Any, path: Path) -> None:
-    """Inverse of :func:`save_lora` into the already attached LoRA layers."""
-    from safetensors.torch import load_file
-
-    values = load_file(str(path))
-    params = _lora_tensors(pipe)
-    if set(values) != set(params):
-        raise AdapterFileError(f"{path}: LoRA tensors do not match this run")
-    for k, p in params.items():
-        p.copy_(values[k])
-
-
 def metadata(args: argparse.Namespace, model_path: Path) -> dict[str, str]:
     """Informative metadata stored in the adapter file (shown by the app)."""
     data = {"task": "subject", "instance_prompt": args.instance_prompt or "", "base_model": str(model_path)}
     if args.class_prompt:
         data["class_prompt"] = args.class_prompt
     return data
-
-
-def _log_images(accelerator: Any, images: list, step: int) -> None:
-    import numpy as np
-
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.log_images({"validation": np.stack([np.asarray(i) for i in images])}, step, dataformats="NHWC")
 
 
 __all__ = ["DataError", "build_parser", "run"]

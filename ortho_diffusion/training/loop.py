@@ -55,6 +55,13 @@ def init_trackers(accelerator, args: argparse.Namespace, project: str) -> None:
         accelerator.init_trackers(project, config=scalars)
 
 
+def log_images(accelerator: Any, images: list, step: int) -> None:
+    """Send validation images (PIL, all one size) to TensorBoard when it is a tracker."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"validation": np.stack([np.asarray(i) for i in images])}, step, dataformats="NHWC")
+
+
 def step_generator(seed: int, step: int, micro: int, process: int) -> torch.Generator:
     """A CPU generator that depends only on where we are in the run."""
     state = np.random.SeedSequence([seed, step, micro, process]).generate_state(1)[0]
