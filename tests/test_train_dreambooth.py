@@ -274,3 +274,27 @@ def test_lora_baseline_adapts_the_layers_the_target_flag_names(targets, suffixes
     attach_lora(pipe, args)
     adapted = {n.split(".lora_A.")[0] for n, _ in pipe.unet.named_parameters() if ".lora_A." in n}
     assert expected and adapted == expected
+
+
+def test_lora_baseline_checkpoint_round_trip_and_a_truncated_one(tmp_path):
+    from ortho_diffusion.formats.native import AdapterFileError
+    from ortho_diffusion.training.lora_baseline import attach_lora, restore_lora, save_lora
+
+    pipe = tiny_pipeline("sd15")
+    args = build_parser().parse_args(["--instance_data_dir", "x", "--output_dir", "y", "--method", "lora", "--lora_rank", "2"])
+    params = attach_lora(pipe, args)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.1)
+    saved = [p.detach().clone() for p in params]
+    path = tmp_path / "lora.safetensors"
+    save_lora(pipe, path)
+    with torch.no_grad():
+        for p in params:
+            p.zero_()
+    restore_lora(pipe, path)
+    assert all(torch.equal(p, s) for p, s in zip(params, saved))
+
+    path.write_bytes(path.read_bytes()[:-16])
+    with pytest.raises(AdapterFileError, match="not a readable safetensors file"):
+        restore_lora(pipe, path)

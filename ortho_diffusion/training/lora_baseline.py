@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .. import inject
-from ..formats.native import AdapterFileError, atomic_save_safetensors
+from ..formats.native import AdapterFileError, atomic_save_safetensors, read_safetensors
 from .common import parse_targets
 
 
@@ -66,10 +66,9 @@ def save_lora(pipe: Any, path: Path) -> None:
 
 @torch.no_grad()
 def restore_lora(pipe: Any, path: Path) -> None:
-    """Inverse of :func:`save_lora` into the already attached LoRA layers."""
-    from safetensors.torch import load_file
-
-    values = load_file(str(path))
+    """Inverse of :func:`save_lora` into the already attached LoRA layers; an unreadable or
+    mismatched file raises :class:`AdapterFileError`."""
+    _, values = read_safetensors(path)
     params = _lora_tensors(pipe)
     if set(values) != set(params):
         raise AdapterFileError(f"{path}: LoRA tensors do not match this run")
