@@ -465,16 +465,24 @@ def ordinary_at(front: list[tuple[float, float]], similarity: float) -> float | 
 def tradeoff_lines(rows: list[dict], baseline: str = "lora", step: float = 0.025) -> list[str]:
     """Markdown: each family's ordinary-prompt accuracy against the baseline's at equal
     subject similarity, on a grid over the span both frontiers cover (families with at least
-    two rates only: one point has no span)."""
+    two rates only: one point has no span).
+
+    A family with options (``oft + unet_targets``) is compared with the baseline under the
+    same options (``lora + unet_targets``) when that has two rates or more, else with the
+    plain baseline.
+    """
     families = tradeoff_points(rows)
-    if baseline not in families or len(families[baseline]) < 2:
-        return []
-    base_front = frontier(families[baseline])
     lines = []
     for family, points in families.items():
         if family == baseline or len(points) < 2:
             continue
-        front = frontier(points)
+        _, sep, options = family.partition(" + ")
+        against = f"{baseline}{sep}{options}"
+        if against == family or len(families.get(against, [])) < 2:
+            against = baseline
+        if len(families.get(against, [])) < 2:
+            continue
+        front, base_front = frontier(points), frontier(families[against])
         lo, hi = max(front[0][0], base_front[0][0]), min(front[-1][0], base_front[-1][0])
         if hi <= lo:
             continue
@@ -485,7 +493,7 @@ def tradeoff_lines(rows: list[dict], baseline: str = "lora", step: float = 0.025
         for sim in grid:
             a, b = ordinary_at(front, sim), ordinary_at(base_front, sim)
             cells.append(f"{sim:.3f}: {a:.0%} vs {b:.0%}")
-        lines.append(f"- {family} vs {baseline}: " + "; ".join(cells))
+        lines.append(f"- {family} vs {against}: " + "; ".join(cells))
     if lines:
         lines = ["", f"Ordinary prompts right at equal subject similarity (each method's best trade-offs over its "
                      f"learning rates, linear between rates; method vs {baseline}):", *lines]

@@ -123,6 +123,14 @@ def test_frontier_keeps_undominated_points_and_interpolates_within_its_span():
     assert table[-1] == "- oft vs lora: 0.600: 80% vs 70%; 0.650: 75% vs 60%; 0.700: 70% vs 50%"
     assert not any("goft" in line for line in table)
 
+    # With the same options on both sides the comparison is like for like: OFT on the
+    # cross-attention against LoRA on the cross-attention, not against LoRA everywhere.
+    kv = " + unet_targets=unet-cross-kv"
+    table = mod.tradeoff_lines(rows("lora", [("1e-4", 0.5, 0.9), ("1e-3", 0.7, 0.5)])
+                               + rows("lora", [(f"1e-3{kv}", 0.6, 0.9), (f"3e-3{kv}", 0.8, 0.7)])
+                               + rows("oft", [(f"3e-3{kv}", 0.6, 0.8), (f"1e-2{kv}", 0.8, 0.6)]), step=0.1)
+    assert table[-1] == "- oft + unet_targets vs lora + unet_targets: 0.600: 80% vs 90%; 0.700: 70% vs 80%; 0.800: 60% vs 70%"
+
 
 def test_resume_with_every_run_finished_rewrites_the_table_without_training(tmp_path):
     mod = load_script("benchmarks/subject_fidelity.py")
