@@ -512,12 +512,16 @@ def write_tradeoff_plot(path: Path, rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 6))
-    for family, points in families.items():
+    # More families than the default ten-colour cycle: twenty colours, and the marker changes
+    # with each pass through them, so no two lines look alike.
+    colours, markers = plt.get_cmap("tab20").colors, "osD^v"
+    for i, (family, points) in enumerate(families.items()):
         x = [q["similarity"] for q in points]
         y = [100 * q["ordinary"] for q in points]
-        style = dict(lw=2.5, color="k") if family == "lora" else dict(lw=1.2)
+        style = (dict(lw=2.5, color="k", marker="o") if family == "lora"
+                 else dict(lw=1.2, color=colours[(2 * i) % 20 + (2 * i) // 20 % 2], marker=markers[i // 10 % len(markers)]))
         line = ax.errorbar(x, y, xerr=[q["similarity_std"] for q in points],
-                           yerr=[100 * q["ordinary_std"] for q in points], marker="o", capsize=2,
+                           yerr=[100 * q["ordinary_std"] for q in points], capsize=2,
                            label=f"{family} (peft)" if family == "lora" else family, **style)
         for q in points:
             ax.annotate(q["tag"], (q["similarity"], 100 * q["ordinary"]), fontsize=7,
