@@ -146,9 +146,10 @@ def test_load_trained_rebuilds_the_finished_run(models, data, tmp_path, method):
     weight_change = load_script("benchmarks/weight_change.py")
     base_weights = {n: m.weight for n, m in base.unet.named_modules() if isinstance(m, torch.nn.Linear)}
     if method == "lora":
-        changes = weight_change.lora_changes(out / "adapter.safetensors", base_weights)
+        deltas = weight_change.lora_deltas(out / "adapter.safetensors")
     else:
-        changes = weight_change.native_changes(out / "adapter.safetensors", models / "sd15", base_weights)
+        deltas = weight_change.native_deltas(out / "adapter.safetensors", models / "sd15", base_weights)
+    changes = weight_change.relative_changes(deltas, base_weights)
     assert len(changes) == 8 * sum(1 for n in base_weights if n.endswith("attn1.to_q"))  # attn1, attn2: q k v out
     layers = dict(trained.unet.named_modules())
     with torch.no_grad():
