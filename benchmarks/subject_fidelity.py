@@ -421,14 +421,17 @@ def tradeoff_points(rows: list[dict]) -> dict[str, list[dict]]:
         sel = [r for r in rows if r["method"] == label]
         head, _, rate_and_options = label.partition(" @ ")
         rate, _, options = rate_and_options.partition(" + ")
-        # COFT's bound is its own sweep: one family for every constraint value.
-        family = f"{head} + " + ", ".join(o.partition("=")[0] for o in options.split(" + ")) if options else head
+        # A number (COFT's bound, a block size) is swept like the rate: one family for every
+        # value. A side or a set of layers is a different adapter: its own family.
+        family = f"{head} + " + ", ".join(
+            o if o.partition("=")[0] in TEXT_OPTIONS else o.partition("=")[0] for o in options.split(" + ")
+        ) if options else head
         per_seed = {}
         for r in sel:
             per_seed.setdefault(r.get("seed", 0), []).append((r["subject_similarity"], r["ordinary_accuracy"]))
         seed_means = np.array([np.mean(v, axis=0) for v in per_seed.values()])
         families.setdefault(family, []).append({
-            "label": label, "rate": float(rate), "tag": options or f"{float(rate):g}",
+            "label": label, "rate": float(rate), "tag": ", ".join([f"{float(rate):g}", *(o for o in options.split(" + ") if "=" in o and o.partition("=")[0] not in TEXT_OPTIONS)]),
             "similarity": float(np.mean([r["subject_similarity"] for r in sel])),
             "ordinary": float(np.mean([r["ordinary_accuracy"] for r in sel])),
             "similarity_std": float(seed_means[:, 0].std()), "ordinary_std": float(seed_means[:, 1].std()),
@@ -500,6 +503,11 @@ def tradeoff_lines(rows: list[dict], baseline: str = "lora", step: float = 0.025
     return lines
 
 
+def _shorten(text: str, most: int = 44) -> str:
+    """A legend label of at most ``most`` characters (a long layer list would squeeze the plot)."""
+    return text if len(text) <= most else text[: most - 3] + "..."
+
+
 def write_tradeoff_plot(path: Path, rows: list[dict]) -> None:
     """Subject similarity against ordinary-prompt accuracy, one line per method through its
     learning rates: up and to the right is better (more of the subject, less forgetting)."""
@@ -511,18 +519,18 @@ def write_tradeoff_plot(path: Path, rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 6))
-    # More families than the default ten-colour cycle: twenty colours, and the marker changes
-    # with each pass through them, so no two lines look alike.
-    colours, markers = plt.get_cmap("tab20").colors, "osD^v"
+    fig, ax = plt.subplots(figsize=(11, 6))
+    # More families than the ten-colour cycle: marker and line style change with each pass
+    # through the colours, so no two lines look alike.
+    colours, markers, dashes = plt.get_cmap("tab10").colors, "osD^v", ("-", "--", ":", "-.")
     for i, (family, points) in enumerate(families.items()):
         x = [q["similarity"] for q in points]
         y = [100 * q["ordinary"] for q in points]
         style = (dict(lw=2.5, color="k", marker="o") if family == "lora"
-                 else dict(lw=1.2, color=colours[(2 * i) % 20 + (2 * i) // 20 % 2], marker=markers[i // 10 % len(markers)]))
+                 else dict(lw=1.2, color=colours[i % 10], marker=markers[i // 10 % len(markers)], ls=dashes[i // 10 % len(dashes)]))
         line = ax.errorbar(x, y, xerr=[q["similarity_std"] for q in points],
                            yerr=[100 * q["ordinary_std"] for q in points], capsize=2,
-                           label=f"{family} (peft)" if family == "lora" else family, **style)
+                           label=f"{family} (peft)" if family == "lora" else _shorten(family), **style)
         for q in points:
             ax.annotate(q["tag"], (q["similarity"], 100 * q["ordinary"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points", color=line[0].get_color())
@@ -534,7 +542,7 @@ def write_tradeoff_plot(path: Path, rows: list[dict]) -> None:
     ax.set_ylabel("ordinary prompts right after training, % (higher: less forgetting)")
     ax.set_title("Subject fidelity against forgetting, by learning rate\n(means over subjects and seeds; bars: std over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     import io
 

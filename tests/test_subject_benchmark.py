@@ -129,7 +129,12 @@ def test_frontier_keeps_undominated_points_and_interpolates_within_its_span():
     table = mod.tradeoff_lines(rows("lora", [("1e-4", 0.5, 0.9), ("1e-3", 0.7, 0.5)])
                                + rows("lora", [(f"1e-3{kv}", 0.6, 0.9), (f"3e-3{kv}", 0.8, 0.7)])
                                + rows("oft", [(f"3e-3{kv}", 0.6, 0.8), (f"1e-2{kv}", 0.8, 0.6)]), step=0.1)
-    assert table[-1] == "- oft + unet_targets vs lora + unet_targets: 0.600: 80% vs 90%; 0.700: 70% vs 80%; 0.800: 60% vs 70%"
+    assert table[-1] == ("- oft + unet_targets=unet-cross-kv vs lora + unet_targets=unet-cross-kv: "
+                         "0.600: 80% vs 90%; 0.700: 70% vs 80%; 0.800: 60% vs 70%")
+    # Other layers are another adapter, not a point on the same sweep.
+    other = " + unet_targets=attn1.to_q"
+    families = mod.tradeoff_points(rows("oft", [(f"3e-3{kv}", 0.6, 0.8), (f"3e-3{other}", 0.7, 0.5)]))
+    assert sorted(families) == ["oft + unet_targets=attn1.to_q", "oft + unet_targets=unet-cross-kv"]
 
 
 def test_resume_with_every_run_finished_rewrites_the_table_without_training(tmp_path):
