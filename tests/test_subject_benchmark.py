@@ -95,7 +95,7 @@ def test_tradeoff_points_group_rates_and_average_seeds(tmp_path):
     assert oft[1]["similarity"] == pytest.approx(0.6) and oft[1]["ordinary"] == pytest.approx(0.8)
     assert oft[1]["similarity_std"] == pytest.approx(0.1) and oft[1]["ordinary_std"] == pytest.approx(0.1)
     assert oft[1]["seeds"] == 2 and oft[0]["similarity_std"] == 0.0
-    assert [q["tag"] for q in families["oft + constraint"]] == ["constraint=0.3", "constraint=0.5"]
+    assert [q["tag"] for q in families["oft + constraint"]] == ["0.003, constraint=0.3", "0.003, constraint=0.5"]
     mod.write_tradeoff_plot(tmp_path / "tradeoff.png", rows)
     from PIL import Image
 
