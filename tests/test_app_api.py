@@ -272,12 +272,13 @@ def test_train_control_from_a_zip_then_generate_with_a_control_image(client, ser
             if f.is_file():
                 zf.write(f, Path("pairs") / f.relative_to(tmp_path / "pairs"))
     # name, source, zip, folder, control type, method, preset, steps, lr, batch, block, factors,
-    # text encoder, checkpoint every, previews every, seed
+    # text encoder, checkpoint every, previews every, seed, rotation side
     outputs = client.predict("edges", "zip", handle_file(str(archive)), None, "Canny edges", "oft", "Standard", 3,
-                             1e-3, 2, 0, 2, False, 3, 3, 0, api_name="/train_control")
+                             1e-3, 2, 0, 2, False, 3, 3, 0, "output", api_name="/train_control")
     job = outputs[-1]
     assert job["state"] == "finished", job
     assert "training/train_control.py" in job["command"] and "--control_task canny" in job["command"]
+    assert "--side output" in job["command"]
     _, table, _ = client.predict(None, None, api_name="/list_adapters")
     row = next(r for r in table["data"] if r[0] == "edges")
     assert row[1] == "canny control"

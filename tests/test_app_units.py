@@ -410,6 +410,9 @@ def test_training_form_values_get_readable_errors():
     s = TrainSettings.from_form("boft", 300.0, "1e-3", 4, 0, 2, 1, 75, 75, 7)
     assert (s.method, s.steps, s.learning_rate, s.batch_size, s.seed, s.train_text_encoder) == ("boft", 300, 1e-3, 4, 7, True)
     assert "--n_factors" in AppContext._adapter_flags(s)
+    assert "--side" not in AppContext._adapter_flags(s)  # the input side is the scripts' default
+    flags = AppContext._adapter_flags(TrainSettings.from_form("oft", 10, 1e-3, 4, 0, 2, False, 5, 5, 0, "output"))
+    assert flags[flags.index("--side") + 1] == "output"
     with pytest.raises(JobError, match="steps must be a number"):
         TrainSettings.from_form("oft", None, 1e-3, 4, 0, 2, False, 100, 100, 0)
     with pytest.raises(JobError, match="batch size must be a whole number"):
@@ -417,7 +420,8 @@ def test_training_form_values_get_readable_errors():
     with pytest.raises(JobError, match="learning rate must be a finite number"):
         TrainSettings.from_form("oft", 10, float("nan"), 4, 0, 2, False, 100, 100, 0)
     for bad, message in ((dict(checkpoint_every=0), "checkpoints"), (dict(validation_every=-1), "previews"),
-                         (dict(seed=2**40), "seed"), (dict(method="lora"), "unknown method")):
+                         (dict(seed=2**40), "seed"), (dict(method="lora"), "unknown method"),
+                         (dict(side="left"), "rotation side")):
         with pytest.raises(JobError, match=message):
             AppContext._adapter_flags(TrainSettings(**bad))
     # Every preset says what it does and sets what its help promises.

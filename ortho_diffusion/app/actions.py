@@ -82,11 +82,13 @@ class TrainSettings:
     checkpoint_every: int = 100
     validation_every: int = 100
     seed: int = 0
+    #: Which side of each weight the rotation acts on: "input" (OFT paper, peft) or "output".
+    side: str = "input"
 
     @classmethod
     def from_form(cls, method: Any, steps: Any, learning_rate: Any, batch_size: Any, block_size: Any,
                   n_factors: Any, train_text_encoder: Any, checkpoint_every: Any, validation_every: Any,
-                  seed: Any) -> "TrainSettings":
+                  seed: Any, side: Any = "input") -> "TrainSettings":
         """Settings from a training tab's fields (or an API call), with readable errors.
 
         An empty field or a value that is not a number becomes a :class:`JobError` naming the
@@ -102,7 +104,7 @@ class TrainSettings:
                 out[key] = _number(what, value) if key == "learning_rate" else _whole(what, value)
             except GenerationError as err:
                 raise JobError(str(err)) from None
-        return cls(method=str(method or ""), train_text_encoder=bool(train_text_encoder), **out)
+        return cls(method=str(method or ""), train_text_encoder=bool(train_text_encoder), side=str(side or "input"), **out)
 
 
 class AppContext:
@@ -262,6 +264,7 @@ class AppContext:
             (int(s.checkpoint_every) >= 1, "checkpoints must be every 1 step or more"),
             (int(s.validation_every) >= 1, "sample previews must be every 1 step or more"),
             (0 <= int(s.seed) < 2**32, "the training seed must be between 0 and 4294967295"),
+            (s.side in ("input", "output"), f"the rotation side must be 'input' or 'output', not {s.side!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -270,6 +273,8 @@ class AppContext:
                  "--train_batch_size", str(int(s.batch_size)), "--seed", str(int(s.seed))]
         if int(s.block_size) > 0:
             flags += ["--block_size", str(int(s.block_size))]
+        if s.side == "output":
+            flags += ["--side", "output"]
         if s.method == "boft":
             flags += ["--n_factors", str(int(s.n_factors))]
         if s.train_text_encoder:
