@@ -426,12 +426,14 @@ def tradeoff_points(rows: list[dict]) -> dict[str, list[dict]]:
         family = f"{head} + " + ", ".join(
             o if o.partition("=")[0] in TEXT_OPTIONS else o.partition("=")[0] for o in options.split(" + ")
         ) if options else head
+        swept = [o for o in options.split(" + ") if "=" in o and o.partition("=")[0] not in TEXT_OPTIONS]
         per_seed = {}
         for r in sel:
             per_seed.setdefault(r.get("seed", 0), []).append((r["subject_similarity"], r["ordinary_accuracy"]))
         seed_means = np.array([np.mean(v, axis=0) for v in per_seed.values()])
         families.setdefault(family, []).append({
-            "label": label, "rate": float(rate), "tag": ", ".join([f"{float(rate):g}", *(o for o in options.split(" + ") if "=" in o and o.partition("=")[0] not in TEXT_OPTIONS)]),
+            # The point's label in the plot: its rate and the numbers swept with it.
+            "label": label, "rate": float(rate), "tag": ", ".join([f"{float(rate):g}", *swept]),
             "similarity": float(np.mean([r["subject_similarity"] for r in sel])),
             "ordinary": float(np.mean([r["ordinary_accuracy"] for r in sel])),
             "similarity_std": float(seed_means[:, 0].std()), "ordinary_std": float(seed_means[:, 1].std()),
@@ -470,9 +472,9 @@ def tradeoff_lines(rows: list[dict], baseline: str = "lora", step: float = 0.025
     subject similarity, on a grid over the span both frontiers cover (families with at least
     two rates only: one point has no span).
 
-    A family with options (``oft + unet_targets``) is compared with the baseline under the
-    same options (``lora + unet_targets``) when that has two rates or more, else with the
-    plain baseline.
+    A family with options (``oft + unet_targets=unet-cross-kv``) is compared with the
+    baseline under the same options (``lora + unet_targets=unet-cross-kv``) when that has two
+    rates or more, else with the plain baseline.
     """
     families = tradeoff_points(rows)
     lines = []
