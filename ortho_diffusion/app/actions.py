@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
+from ..config import SIDES
 from . import integrations
 from .integrations import NotAvailableError
 from .jobs import Job, JobError, JobManager, launch_command
@@ -264,7 +265,7 @@ class AppContext:
             (int(s.checkpoint_every) >= 1, "checkpoints must be every 1 step or more"),
             (int(s.validation_every) >= 1, "sample previews must be every 1 step or more"),
             (0 <= int(s.seed) < 2**32, "the training seed must be between 0 and 4294967295"),
-            (s.side in ("input", "output"), f"the rotation side must be 'input' or 'output', not {s.side!r}"),
+            (s.side in SIDES, f"the rotation side must be one of {', '.join(SIDES)}, not {s.side!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import AdapterConfig
+from ..config import SIDES, AdapterConfig
 from ..default_model import DEFAULT_GUIDANCE_SCALE, default_model_path
 from ..diffusion import ModelFolderError, pipeline_class_name
 from ..files import atomic_folder
@@ -101,7 +101,7 @@ def add_adapter_args(
     g.add_argument("--n_blocks", type=int, default=None)
     g.add_argument("--n_factors", type=int, default=1)
     g.add_argument("--neumann_terms", type=int, default=5)
-    g.add_argument("--side", type=str, default="input", choices=["input", "output"])
+    g.add_argument("--side", type=str, default="input", choices=list(SIDES))
     g.add_argument("--unet_targets", type=str, default=unet_targets, help="preset or comma-separated patterns")
     g.add_argument("--text_encoder_targets", type=str, default="text-attn", help="preset or comma-separated patterns")
     g.add_argument("--constraint", type=float, default=None)
