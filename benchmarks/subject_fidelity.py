@@ -423,10 +423,15 @@ def tradeoff_points(rows: list[dict]) -> dict[str, list[dict]]:
         rate, _, options = rate_and_options.partition(" + ")
         # A number (COFT's bound, a block size) is swept like the rate: one family for every
         # value. A side or a set of layers is a different adapter: its own family.
-        family = f"{head} + " + ", ".join(
-            o if o.partition("=")[0] in TEXT_OPTIONS else o.partition("=")[0] for o in options.split(" + ")
-        ) if options else head
-        swept = [o for o in options.split(" + ") if "=" in o and o.partition("=")[0] not in TEXT_OPTIONS]
+        names, swept = [], []
+        for option in options.split(" + ") if options else []:
+            key, has_value, _ = option.partition("=")
+            if has_value and key not in TEXT_OPTIONS:
+                names.append(key)
+                swept.append(option)
+            else:
+                names.append(option)
+        family = f"{head} + " + ", ".join(names) if names else head
         per_seed = {}
         for r in sel:
             per_seed.setdefault(r.get("seed", 0), []).append((r["subject_similarity"], r["ordinary_accuracy"]))
