@@ -318,13 +318,14 @@ class OrthogonalAdapter(nn.Module):
                 a = active[0]
                 blocks = self._block_diagonal(a, x.dtype)
                 magnitude = self._total_magnitude(active, torch.float32)
+                orthogonal = a.rotation.exact
                 if a.side == "input":
-                    y = block_rotated_linear(x, self.base_layer.weight, blocks)
+                    y = block_rotated_linear(x, self.base_layer.weight, blocks, orthogonal)
                 elif magnitude is None:
                     # The bias inside, so that the output backward keeps is the layer's own.
-                    return output_rotated_linear(x, self.base_layer.weight, blocks, bias)
+                    return output_rotated_linear(x, self.base_layer.weight, blocks, bias, orthogonal)
                 else:
-                    y = output_rotated_linear(x, self.base_layer.weight, blocks)
+                    y = output_rotated_linear(x, self.base_layer.weight, blocks, orthogonal=orthogonal)
                 return self._magnitude_and_bias(y, magnitude, bias)
             w = self.transform_weight(self._flat_weight().to(torch.promote_types(x.dtype, torch.float32)), active)
             return self._run_layer(x, w.to(self.base_layer.weight.dtype), bias)
@@ -344,9 +345,10 @@ class OrthogonalAdapter(nn.Module):
             # The same pass with its gradients written out: backward keeps the rotated output
             # (with the bias inside, the layer's own output) instead of the unrotated one.
             blocks = self._block_diagonal(outs[0], y.dtype)
+            orthogonal = outs[0].rotation.exact
             if magnitude is None:
-                return rotate_outputs(y, blocks, bias)
-            return self._magnitude_and_bias(rotate_outputs(y, blocks), magnitude, bias)
+                return rotate_outputs(y, blocks, bias, orthogonal)
+            return self._magnitude_and_bias(rotate_outputs(y, blocks, orthogonal=orthogonal), magnitude, bias)
         for a in outs:
             y = self._rotate_channels(y, a)
         return self._magnitude_and_bias(y, magnitude, bias)

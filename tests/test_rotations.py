@@ -324,6 +324,65 @@ def test_output_rotations_values_gradients_and_what_they_keep(with_bias, through
         output_rotated_linear(x, w, blocks[:2]) if through_weight else rotate_outputs(x @ w.T, blocks[:2])
 
 
+@pytest.mark.parametrize("kind", ["input", "output through the weight", "output"])
+def test_orthogonal_blocks_take_their_gradient_without_a_solve(kind, monkeypatch):
+    # For exact rotations B^-T = B: the flag swaps the solve for a product and nothing else.
+    from ortho_diffusion.rotations import block_rotated_linear, output_rotated_linear, rotate_outputs
+    from ortho_diffusion.rotations.cayley import cayley, unpack_skew
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(12, 12, dtype=torch.float64, generator=g)
+    bias = torch.randn(12, dtype=torch.float64, generator=g)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    packed = (0.4 * torch.randn(3, 6, dtype=torch.float64, generator=g)).requires_grad_(True)
+
+    def layer(x, packed, orthogonal):
+        blocks = cayley(unpack_skew(packed, 4))
+        if kind == "input":
+            return block_rotated_linear(x, w, blocks, orthogonal)
+        if kind == "output through the weight":
+            return output_rotated_linear(x, w, blocks, bias, orthogonal)
+        return rotate_outputs(x @ w.T, blocks, bias, orthogonal)
+
+    def grads(orthogonal):
+        out = layer(x, packed, orthogonal)
+        return [out, *torch.autograd.grad(out.square().sum(), (x, packed))]
+
+    expected = grads(False)
+    solves = []
+    real_solve = torch.linalg.solve
+    monkeypatch.setattr(torch.linalg, "solve", lambda *a, **k: solves.append(1) or real_solve(*a, **k))
+    for got, want in zip(grads(True), expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert not solves
+    # Perturbing the generator keeps the blocks orthogonal, so gradcheck holds with the flag on.
+    assert torch.autograd.gradcheck(lambda x, p: layer(x, p, True), (x, packed), eps=1e-6, atol=1e-6)
+
+
+def test_adapters_skip_the_solve_only_for_exact_rotations(monkeypatch):
+    import torch.nn as nn
+
+    import ortho_diffusion as od
+
+    solves = []
+    real_solve = torch.linalg.solve
+    monkeypatch.setattr(torch.linalg, "solve", lambda *a, **k: solves.append(1) or real_solve(*a, **k))
+    x = torch.randn(4, 16)
+    # Input side: the closed form (weight-centric); output side: that and rotate_outputs.
+    for method, extra, side, compute, expect_solve in [
+        ("oft", {}, "input", "weight-centric", False), ("boft", dict(n_factors=2), "input", "weight-centric", False),
+        ("oftv2", {}, "input", "weight-centric", True),
+        ("oft", {}, "output", "weight-centric", False), ("oft", {}, "output", "input-centric", False),
+        ("oftv2", {}, "output", "weight-centric", True), ("oftv2", {}, "output", "input-centric", True),
+    ]:
+        model = nn.Sequential(nn.Linear(16, 16))
+        od.attach(model, od.AdapterConfig(targets=["0"], method=method, block_size=4, side=side,
+                                          compute=compute, **extra))
+        solves.clear()
+        model(x).square().sum().backward()
+        assert bool(solves) == expect_solve, (method, side, compute)
+
+
 @pytest.mark.parametrize("layout", [
     dict(dim=32, block_size=4, n_factors=2), dict(dim=64, block_size=4, n_factors=4),
     dict(dim=48, block_size=2, n_factors=3, descending=True), dict(dim=32, block_size=4, n_factors=3, block_share=True),
