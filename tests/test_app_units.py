@@ -6,7 +6,6 @@ grandchild process, checkpoints), so the process-group handling is tested in sec
 
 from __future__ import annotations
 
-import os
 import sys
 import textwrap
 import time

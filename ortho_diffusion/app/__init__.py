@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 
 from .actions import AppConfig, AppContext
 
